@@ -1,0 +1,3 @@
+"""aptp: prompt-based pruning of text-to-image diffusion models."""
+
+__version__ = "0.1.0"

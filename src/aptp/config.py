@@ -1,0 +1,39 @@
+"""Defaults in one visible place."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+DEFAULT_TEXT_LENGTH = 77  # CLIP token length used by Stable Diffusion pipelines
+DEFAULT_VAE_SCALE_FACTOR = 8  # SD VAEs map 8x8 pixels to one latent
+
+
+@dataclass(frozen=True)
+class UnitOptions:
+    """How a model is cut into prunable units.
+
+    ``ff_chunks``: feed-forward hidden units are gated in this many equal chunks per block (the
+    largest divisor of the hidden size not above it). ``depth``: which whole blocks may be skipped:
+    ``"last"`` = the last ResNet and the last transformer of every down/up stage, ``"all"`` = every
+    ResNet and transformer of the down/up stages, ``"none"``. The mid block is never skipped.
+    """
+
+    ff_chunks: int = 32
+    depth: str = "last"
+
+    def __post_init__(self):
+        if self.depth not in ("last", "all", "none"):
+            raise ValueError(f"depth must be 'last', 'all' or 'none', got {self.depth!r}")
+        if self.ff_chunks < 1:
+            raise ValueError(f"ff_chunks must be >= 1, got {self.ff_chunks}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "UnitOptions":
+        data = dict(data or {})
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown unit option(s): {sorted(unknown)}")
+        return cls(**data)

@@ -1,0 +1,78 @@
+"""Test setup: offline, one torch thread, tiny models built in code; slow tests need --run-slow."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+# Tiny UNet configs covering the variants the family must handle.
+TINY_UNETS = {
+    # SD 1.x style: conv projections, default time embedding norm.
+    "sd1": dict(
+        block_out_channels=(16, 32), layers_per_block=2, norm_num_groups=8, attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, sample_size=8,
+    ),
+    # SD 2.x style: linear projections, per-stage heads, upcast attention, two transformer layers, scale-shift norm.
+    "sd2": dict(
+        block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8, attention_head_dim=(2, 4, 4),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=20, sample_size=8, use_linear_projection=True, upcast_attention=True,
+        transformer_layers_per_block=2, resnet_time_scale_shift="scale_shift",
+    ),
+    # Cross-attention in attn1 as well (only_cross_attention).
+    "cross_only": dict(
+        block_out_channels=(16, 16), layers_per_block=1, norm_num_groups=4, attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12, sample_size=8, only_cross_attention=True,
+    ),
+}
+TEXT_LENGTH = 5
+
+
+def make_unet(name: str, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_UNETS[name]).eval()
+    # Random init leaves conv_out / proj_out near zero in places; perturb every weight so each unit matters.
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return unet
+
+
+@pytest.fixture(params=sorted(TINY_UNETS))
+def tiny_unet(request):
+    return make_unet(request.param)
+
+
+def unet_inputs(unet, batch: int = 2, seed: int = 1):
+    from aptp.families import unet2d_condition
+
+    generator = torch.Generator().manual_seed(seed)
+    inputs = unet2d_condition.example_inputs(unet, unet2d_condition.default_sample_size(unet), TEXT_LENGTH, batch)
+    inputs["sample"] = torch.randn(inputs["sample"].shape, generator=generator)
+    inputs["encoder_hidden_states"] = torch.randn(inputs["encoder_hidden_states"].shape, generator=generator)
+    inputs["timestep"] = torch.tensor([10, 700][:batch] + [400] * max(0, batch - 2))
+    return inputs
