@@ -14,6 +14,7 @@ the router consumes them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from math import gcd
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -187,14 +188,62 @@ class MacsModel:
     def macs_of(self, architecture: Mapping[str, Sequence[int]]) -> float:
         return float(self.macs(self.layout.gates_from_architecture(architecture).double()))
 
+    def removal_saving(self, name: str) -> float:
+        """MACs saved by removing a whole unit; for a depth unit, including everything nested in it."""
+        saving = self.unit_macs(name)
+        if self.layout[name].is_depth:
+            saving += sum(self.unit_macs(u.name) for u in self.layout if u.parent == name)
+        return saving
+
     def unit_table(self) -> list[dict]:
-        """Per kind: number of units, elements, and dense MACs share."""
+        """Per kind: number of units, elements, and the dense MACs share removing all of them saves."""
         rows: dict[str, dict] = {}
         for unit in self.layout:
             row = rows.setdefault(unit.kind, {"kind": unit.kind, "units": 0, "elements": 0, "macs": 0.0})
             row["units"] += 1
             row["elements"] += unit.count
-            row["macs"] += self.unit_macs(unit.name)
+            row["macs"] += self.removal_saving(unit.name)
         for row in rows.values():
             row["share"] = row["macs"] / self.dense
         return list(rows.values())
+
+
+def _round_up(kept: int, multiple: int, count: int) -> int:
+    rounded = -(-kept // multiple) * multiple
+    return rounded if rounded <= count else kept
+
+
+def uniform_width_architecture(model: MacsModel, target: float, channel_multiple: int = 8) -> Architecture:
+    """An architecture at about ``target`` x dense MACs that keeps the same fraction of every width unit.
+
+    Kept elements are the first ones of each unit, rounded up so kept channels are multiples of
+    ``channel_multiple`` where the unit allows it; depth units are skipped (largest first) only
+    when narrowing alone cannot reach the target. Useful for benchmarks and as a uniform baseline.
+    """
+    if not 0 < target <= 1:
+        raise ValueError(f"target must be in (0, 1], got {target}")
+    def at(ratio: float) -> Architecture:
+        arch: Architecture = {}
+        for unit in model.layout:
+            if unit.is_depth:
+                continue
+            multiple = channel_multiple // gcd(channel_multiple, unit.element_size) if unit.element_size else 1
+            kept = _round_up(max(1, round(ratio * unit.count)), multiple, unit.count)
+            arch[unit.name] = list(range(kept))
+        return arch
+
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        middle = (low + high) / 2
+        if model.macs_of(at(middle)) / model.dense > target:
+            high = middle
+        else:
+            low = middle
+    arch = at(high) if abs(model.macs_of(at(high)) / model.dense - target) < abs(
+        model.macs_of(at(low)) / model.dense - target) else at(low)
+    depth = sorted((u for u in model.layout if u.is_depth), key=lambda u: -model.removal_saving(u.name))
+    for unit in depth:
+        if model.macs_of(arch) / model.dense <= target:
+            break
+        arch[unit.name] = []
+    return arch

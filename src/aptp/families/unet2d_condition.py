@@ -468,11 +468,14 @@ def measure_macs(unet: nn.Module, sample_size: tuple[int, int] | None = None,
 
 
 def build_macs_model(unet: nn.Module, sample_size: tuple[int, int] | None = None,
-                     text_length: int = DEFAULT_TEXT_LENGTH, options: UnitOptions | None = None) -> MacsModel:
+                     text_length: int = DEFAULT_TEXT_LENGTH, options: UnitOptions | None = None,
+                     cross_attention_as_self: bool = False) -> MacsModel:
     """Analytic MACs of ``unet`` at batch 1, split into fixed MACs and per-element unit MACs.
 
     Shapes come from one forward of a weightless twin; costs from the layer formulas. Attention
     matmuls use each attention's real key length (the text length for cross-attention).
+    ``cross_attention_as_self`` instead counts cross-attention matmuls at the image length, the
+    convention behind the published APTP MACs figures; it exists only to reproduce them.
     """
     sample_size = tuple(sample_size or default_sample_size(unet))
     options = options or UnitOptions()
@@ -494,7 +497,10 @@ def build_macs_model(unet: nn.Module, sample_size: tuple[int, int] | None = None
     inputs = example_inputs(twin, sample_size, text_length)
     module_macs = trace_module_macs(twin, lambda: twin(**inputs), hooks)
     # QK^T and AV: each query token meets each key token once per channel of the inner dimension.
-    attention_core = {n: 2.0 * tokens[n]["query"] * tokens[n]["key"] * m.inner_dim
+    def key_tokens(name: str, attn: Attention) -> int:
+        return tokens[name]["query"] if cross_attention_as_self and attn.is_cross_attention else tokens[name]["key"]
+
+    attention_core = {n: 2.0 * tokens[n]["query"] * key_tokens(n, m) * m.inner_dim
                       for n, m in attentions.items() if n in tokens}
 
     def subtree(path: str, table: dict[str, float], exclude: tuple[str, ...] = ()) -> float:

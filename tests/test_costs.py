@@ -1,0 +1,91 @@
+"""The analytic MACs model against FlopCounterMode, its gate algebra, and the reference UNets."""
+
+import pytest
+import torch
+from conftest import TEXT_LENGTH, make_unet
+from test_surgery import random_architecture
+
+from aptp.costs import count_parameters
+from aptp.families import unet2d_condition as fam
+from aptp.families.presets import PRESETS
+
+ALL_KINDS = ("groups", "heads", "ff", "resnet", "transformer")
+
+
+def relative_error(a: float, b: float) -> float:
+    return abs(a - b) / b
+
+
+def test_dense_macs_match_flop_counter(tiny_unet):
+    model = fam.build_macs_model(tiny_unet, text_length=TEXT_LENGTH)
+    counted = fam.measure_macs(tiny_unet, text_length=TEXT_LENGTH)
+    assert relative_error(model.dense, counted) < 0.01
+    assert 0 < model.dense_attention < model.dense
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sliced_macs_match_flop_counter(tiny_unet, seed):
+    model = fam.build_macs_model(tiny_unet, text_length=TEXT_LENGTH)
+    architecture = random_architecture(model.layout, ALL_KINDS, seed)
+    expert = fam.slice_unet(tiny_unet, architecture)
+    counted = fam.measure_macs(expert, text_length=TEXT_LENGTH)
+    assert counted < model.dense
+    assert relative_error(model.macs_of(architecture), counted) < 0.01
+    assert relative_error(fam.build_macs_model(expert, text_length=TEXT_LENGTH).dense, counted) < 0.01
+
+
+def test_macs_are_linear_in_gates_and_nest_depth():
+    unet = make_unet("sd1")
+    model = fam.build_macs_model(unet, text_length=TEXT_LENGTH)
+    layout = model.layout
+    ones = layout.dense_gates().double()
+    assert model.macs(ones).item() == pytest.approx(model.dense)
+    assert model.fraction(ones).item() == pytest.approx(1.0)
+
+    groups = "down_blocks.0.resnets.1:groups"
+    block = "down_blocks.0.resnets.1:block"
+    start = layout.offsets[groups]
+    one_off = ones.clone()
+    one_off[start] = 0
+    assert model.macs(one_off).item() == pytest.approx(model.dense - model.element_macs[start].item())
+    # Skipping a block removes it and everything nested in it, whatever the nested gates say.
+    skipped = model.macs_of({block: []})
+    assert skipped == pytest.approx(model.dense - model.unit_macs(block) - model.unit_macs(groups))
+    assert model.macs_of({block: [], groups: [0]}) == pytest.approx(skipped)
+
+    # Differentiable: d macs / d gate = element MACs times the enclosing depth gate.
+    gates = ones.clone().requires_grad_(True)
+    model.macs(gates).backward()
+    assert gates.grad[start].item() == pytest.approx(model.element_macs[start].item())
+    batch = torch.stack([ones, one_off])
+    assert model.macs(batch).shape == (2,)
+
+
+def test_cross_attention_uses_text_length():
+    unet = make_unet("sd1")
+    short = fam.build_macs_model(unet, text_length=4)
+    long = fam.build_macs_model(unet, text_length=8)
+    self_attn = "down_blocks.0.attentions.0.transformer_blocks.0.attn1:heads"
+    cross_attn = "down_blocks.0.attentions.0.transformer_blocks.0.attn2:heads"
+    assert short.unit_macs(self_attn) == long.unit_macs(self_attn)
+    assert short.unit_macs(cross_attn) < long.unit_macs(cross_attn)
+    # attn1 of an only-cross-attention model attends to the text too.
+    cross_only = make_unet("cross_only")
+    a = fam.build_macs_model(cross_only, text_length=4).unit_macs(self_attn)
+    b = fam.build_macs_model(cross_only, text_length=8).unit_macs(self_attn)
+    assert a < b
+
+
+@pytest.mark.parametrize(
+    "name, params_m, gmacs, gmacs_no_attention",
+    [("sd15", 859.5, 401.6, 338.6), ("sd21", 865.9, 1074.6, 760.5)],
+)
+def test_reference_unets(name, params_m, gmacs, gmacs_no_attention):
+    preset = PRESETS[name]
+    with torch.device("meta"):
+        unet = fam.UNet2DConditionModel.from_config(preset.config)
+    size = preset.resolution // preset.vae_scale_factor
+    model = fam.build_macs_model(unet, (size, size), preset.text_length)
+    assert count_parameters(unet) / 1e6 == pytest.approx(params_m, rel=1e-3)
+    assert model.dense / 1e9 == pytest.approx(gmacs, rel=1e-3)
+    assert (model.dense - model.dense_attention) / 1e9 == pytest.approx(gmacs_no_attention, rel=1e-3)
