@@ -179,6 +179,18 @@ def test_config_is_the_architecture(tmp_path):
     assert set(widths) <= set(again.config.aptp_widths)
 
 
+def test_skipping_a_pruned_block_later_drops_its_widths(tmp_path):
+    unet = make_unet("sd1")
+    first = fam.slice_unet(unet, {"down_blocks.0.resnets.1:groups": [0, 2, 5]})
+    second = fam.slice_unet(first, {"down_blocks.0.resnets.1:block": []})
+    assert second.config.aptp_widths == {"down_blocks.0.resnets.1:block": 0}
+    second.save_pretrained(tmp_path)
+    reloaded = fam.APTPUNet2DConditionModel.from_pretrained(tmp_path)
+    inputs = unet_inputs(unet)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).sample, second(**inputs).sample)
+
+
 def test_slicing_rejects_empty_width_units():
     unet = make_unet("sd1")
     with pytest.raises(fam.APTPError, match="keep no elements"):

@@ -291,7 +291,8 @@ def apply_widths(unet: nn.Module, widths: Mapping[str, int]) -> None:
     Used when building an expert from its config (weights are loaded afterwards), so which
     elements are kept does not matter, only how many.
     """
-    for name, width in widths.items():
+    # Widths inside a block come before the block's own skip, which removes them.
+    for name, width in sorted(widths.items(), key=lambda item: item[0].endswith(":block")):
         path, suffix = _split_name(name)
         if suffix == "block":
             if width != 0:
@@ -301,6 +302,15 @@ def apply_widths(unet: nn.Module, widths: Mapping[str, int]) -> None:
             raise ArchitectureError(f"{name}: width must be >= 1, got {width}")
         else:
             _apply_kept(unet, name, list(range(width)))
+
+
+def _inside_skipped(name: str, widths: Mapping[str, int]) -> bool:
+    path = _split_name(name)[0]
+    for other, width in widths.items():
+        block = _split_name(other)[0]
+        if other.endswith(":block") and width == 0 and (path == block or path.startswith(block + ".")):
+            return True
+    return False
 
 
 def _check_kept(layout: UnitLayout, architecture: Architecture) -> None:
@@ -356,6 +366,7 @@ def slice_unet(
         _apply_kept(work, spec.name, kept, spec.element_size)
         _, suffix = _split_name(spec.name)
         widths[spec.name] = 0 if suffix == "block" else _width(work.get_submodule(unit.path), suffix)
+    widths = {n: w for n, w in widths.items() if n.endswith(":block") or not _inside_skipped(n, widths)}
     config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
     config["aptp_widths"] = widths
     with torch.device("meta"):
