@@ -1,7 +1,7 @@
 """Built-in UNet configs (random weights) for inspection, benchmarks and tests.
 
-The Stable Diffusion configs are those of the published UNets; ``tiny`` has the shape of the
-embedded world teacher (64 px images, 16x16x4 latents, MiniLM text states of width 384).
+The Stable Diffusion configs are those of the published UNets; ``tiny`` is the UNet of the embedded
+world teacher (64 px images, 16x16x4 latents, MiniLM text states of width 384).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ PRESETS: dict[str, Preset] = {
             "block_out_channels": [64, 128, 128],
             "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-            "layers_per_block": 2,
+            "layers_per_block": 1,
             "attention_head_dim": 4,
             "cross_attention_dim": 384,
             "norm_num_groups": 32,
