@@ -7,7 +7,9 @@ import json
 import os
 import sys
 
+from .teacher.cli import add_teacher_parser
 from .utils import APTPError
+from .world.cli import add_world_parser
 
 
 def _positive_int(text: str) -> int:
@@ -124,21 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     slicing.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     slicing.set_defaults(func=cmd_bench_slicing)
 
-    _add_optional_commands(commands)
-    return parser
-
-
-def _add_optional_commands(commands) -> None:
-    """Commands whose modules register themselves (each folder owns its command)."""
-    try:
-        from .world.cli import add_world_parser
-    except ImportError:
-        return
+    # Each folder owns its command group.
     add_world_parser(commands)
+    add_teacher_parser(commands)
+    return parser
 
 
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers warns at import about optional image backends (torchvision) this tool never uses.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,1 @@
+"""Image-quality metrics (FID, CLIP-based scores) used by evaluation commands."""

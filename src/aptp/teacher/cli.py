@@ -1,0 +1,113 @@
+"""``aptp teacher``: train, sample and evaluate the embedded world teacher."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+from ..utils import APTPError
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """``key=value`` pairs; values are read as YAML scalars or lists (``lr=3e-4``, ``widths=[32,64]``)."""
+    overrides = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise APTPError(f"expected key=value, got {item!r}")
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):
+            try:
+                parsed = float(parsed)  # YAML 1.1 reads "3e-4" (no dot) as a string
+            except ValueError:
+                pass
+        overrides[key.strip().replace("-", "_")] = parsed
+    return overrides
+
+
+def run_train(args) -> int:
+    from .train import UNetTrainConfig, VAETrainConfig, config_from_overrides, train_unet, train_vae
+
+    out = Path(args.out)
+    overrides = parse_overrides(args.set)
+    if args.stage in ("vae", "all"):
+        train_vae(out, config_from_overrides(VAETrainConfig, overrides if args.stage == "vae" else {}))
+    if args.stage in ("unet", "all"):
+        vae = Path(args.vae) if args.vae else out / "vae"
+        if not (vae / "config.json").is_file():
+            raise APTPError(f"no trained VAE at {vae}; run `aptp teacher train --stage vae --out {out}` first")
+        train_unet(out, vae, config_from_overrides(UNetTrainConfig, overrides if args.stage == "unet" else {}))
+        print(f"teacher written to {out / 'teacher'}")
+    return 0
+
+
+def _sampling(args):
+    from .evaluate import SamplingConfig
+
+    return SamplingConfig(steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed)
+
+
+def run_sample(args) -> int:
+    from ..imaging import save_image_atomic, to_pil
+    from .components import load_teacher
+    from .evaluate import generate_images
+
+    prompts = [p.strip() for p in args.prompts]
+    if any(not p for p in prompts):
+        raise APTPError("empty prompt")
+    images = to_pil(generate_images(load_teacher(args.teacher), prompts, _sampling(args)))
+    out = Path(args.out)
+    for i, image in enumerate(images):
+        save_image_atomic(image, out / f"{i:04d}.png")
+    print(f"{len(images)} image(s) written to {out}")
+    return 0
+
+
+def run_evaluate(args) -> int:
+    from .components import load_teacher
+    from .evaluate import evaluate_pipeline
+
+    metrics = evaluate_pipeline(load_teacher(args.teacher), args.out, args.per_category, _sampling(args),
+                                name=args.name)
+    accuracy = metrics["world_accuracy"]
+    real = metrics["world_accuracy_real_images"]
+    print(f"{metrics['model']}: FID {metrics['fid']:.1f} (N={metrics['n_images']}, {metrics['resolution']} px)")
+    for category in accuracy:
+        print(f"  world accuracy {category:<8} {accuracy[category]:.3f}   (real images {real[category]:.3f})")
+    print(f"metrics and grid written to {args.out}")
+    return 0
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher", help="teacher pipeline folder (default: the shipped teacher)")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    parser.add_argument("--guidance-scale", type=float, default=4.0, help="classifier-free guidance (default 4)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="output folder")
+
+
+def add_teacher_parser(subparsers) -> argparse.ArgumentParser:
+    teacher = subparsers.add_parser("teacher", help="the embedded world teacher (tiny Stable Diffusion)")
+    commands = teacher.add_subparsers(dest="teacher_command", metavar="COMMAND")
+    commands.required = True
+
+    train = commands.add_parser("train", help="train the VAE, then the UNet, from scratch (resumable)")
+    train.add_argument("--stage", choices=["vae", "unet", "all"], default="all")
+    train.add_argument("--out", required=True, help="run folder (checkpoints, caches, vae/, teacher/)")
+    train.add_argument("--vae", help="trained VAE folder for --stage unet (default: OUT/vae)")
+    train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override training options, e.g. steps=500")
+    train.set_defaults(func=run_train)
+
+    sample = commands.add_parser("sample", help="generate images for prompts")
+    sample.add_argument("prompts", nargs="+")
+    _add_sampling_arguments(sample)
+    sample.set_defaults(func=run_sample)
+
+    evaluate = commands.add_parser("evaluate", help="world accuracy, FID and a grid on the test prompts")
+    _add_sampling_arguments(evaluate)
+    evaluate.add_argument("--per-category", type=int, default=128, help="test prompts per category (default 128)")
+    evaluate.add_argument("--name", default="teacher", help="label in metrics and grid")
+    evaluate.set_defaults(func=run_evaluate)
+    return teacher

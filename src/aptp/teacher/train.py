@@ -1,0 +1,262 @@
+"""Training the world teacher from scratch: first the VAE, then the UNet on its latents.
+
+Both loops draw sample ``step * batch + i`` of the world's train split and seed all noise from
+``(seed, step)``, so a run resumed from its last checkpoint continues exactly as if never stopped.
+Checkpoints are atomic (safetensors + JSON); Ctrl-C writes one before exiting.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .. import world
+from ..training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from ..utils import APTPError
+from .components import (
+    UNET_CONFIG,
+    assemble_pipeline,
+    build_scheduler,
+    build_unet,
+    build_vae,
+    load_text_encoder,
+    save_teacher,
+    training_scheduler,
+)
+
+
+@dataclass
+class VAETrainConfig:
+    steps: int = 1200
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 50
+    l1_weight: float = 0.5
+    kl_weight: float = 1e-6
+    grad_clip: float = 1.0
+    checkpoint_every: int = 100
+    seed: int = 0
+
+
+@dataclass
+class UNetTrainConfig:
+    steps: int = 2500
+    batch_size: int = 64
+    lr: float = 8e-4
+    warmup: int = 100
+    caption_dropout: float = 0.1  # empty captions teach the unconditional model for guidance
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    checkpoint_every: int = 100
+    seed: int = 0
+    dataset_size: int = 20000  # world train samples, encoded once (latents + text states) and cached
+    block_out_channels: tuple[int, ...] | None = None  # None: the tiny preset's widths
+
+
+def config_from_overrides(cls, overrides: dict):
+    """A config dataclass with ``overrides`` applied; unknown keys are errors."""
+    names = {f.name for f in fields(cls)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise APTPError(f"unknown {cls.__name__} option(s): {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**overrides)
+
+
+def world_batch(step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """Images in [-1, 1] (B, 3, 64, 64) and prompts of batch ``step`` of the train split."""
+    samples = [world.generator.sample(step * batch_size + i, "train", seed) for i in range(batch_size)]
+    return images_to_tensor(s.image for s in samples), [s.prompt for s in samples]
+
+
+def images_to_tensor(images) -> torch.Tensor:
+    """PIL images -> float tensor (B, 3, H, W) in [-1, 1], the VAE's input range."""
+    pixels = np.stack([np.asarray(image.convert("RGB")) for image in images])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _batch_indices(step: int, batch_size: int, size: int, seed: int) -> torch.Tensor:
+    """Dataset indices of batch ``step``: a fresh permutation of the dataset every epoch."""
+    positions = torch.arange(step * batch_size, (step + 1) * batch_size)
+    index = torch.empty(batch_size, dtype=torch.long)
+    for epoch in positions.div(size, rounding_mode="floor").unique().tolist():
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        in_epoch = positions.div(size, rounding_mode="floor") == epoch
+        index[in_epoch] = order[positions[in_epoch] % size]
+    return index
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def _learning_rate(base: float, step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the base rate."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _run(out: Path, steps: int, start: int, desc: str, step_fn, save_fn, checkpoint_every: int) -> None:
+    """Shared loop: progress bar, periodic checkpoints, and a checkpoint on Ctrl-C."""
+    step = start
+    bar = tqdm(total=steps, initial=start, desc=desc, unit="step")
+    try:
+        while step < steps:
+            loss = step_fn(step)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if step % checkpoint_every == 0 or step == steps:
+                save_fn(step)
+    except KeyboardInterrupt:
+        save_fn(step)
+        bar.close()
+        raise APTPError(f"interrupted at step {step}; checkpoint saved in {out}, run the same command to resume")
+    bar.close()
+
+
+def train_vae(out: str | Path, config: VAETrainConfig | None = None) -> AutoencoderKL:
+    """Train the teacher's VAE into ``out/vae`` (checkpoints in ``out/vae-checkpoint``)."""
+    config = config or VAETrainConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    vae = build_vae().train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
+    checkpoint = out / "vae-checkpoint"
+    start = 0
+    if found := find_checkpoint(checkpoint):
+        start = load_checkpoint(found, {"vae": vae}, optimizer)["step"]
+
+    def step_fn(step: int) -> float:
+        images, _ = world_batch(step, config.batch_size, config.seed)
+        generator = _step_generator(config.seed, step)
+        posterior = vae.encode(images).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        reconstruction = vae.decode(latents).sample
+        loss = (F.mse_loss(reconstruction, images) + config.l1_weight * F.l1_loss(reconstruction, images)
+                + config.kl_weight * posterior.kl().mean())
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(config.lr, step, config.warmup, config.steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
+        optimizer.step()
+        return loss.item()
+
+    def save_fn(step: int) -> None:
+        save_checkpoint(checkpoint, {"vae": vae}, {"step": step, "config": asdict(config)}, optimizer)
+
+    _run(checkpoint, config.steps, start, "vae", step_fn, save_fn, config.checkpoint_every)
+    vae.eval()
+    vae.register_to_config(scaling_factor=latent_scaling_factor(vae, config.seed))
+    vae.save_pretrained(out / "vae")
+    return vae
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae: AutoencoderKL, seed: int, samples: int = 512) -> float:
+    """1 / std of the latents over world images, so scaled latents have unit variance (as in SD)."""
+    images, _ = world_batch(10_000_000, samples, seed + 1)
+    latents = vae.encode(images).latent_dist.sample(_step_generator(seed, -1))
+    return float(1.0 / latents.std())
+
+
+ENCODE_BATCH = 64
+
+
+@torch.no_grad()
+def encode_world(pipeline, size: int, seed: int, cache_file: Path) -> dict[str, torch.Tensor]:
+    """Latent distributions and text states of the first ``size`` train samples, cached on disk.
+
+    Text states are stored once per distinct prompt; index 0 is the empty prompt (for guidance).
+    """
+    if cache_file.is_file():
+        cache = load_file(cache_file)
+        if cache["latent_mean"].shape[0] == size:
+            return cache
+    means, stds, prompt_index, prompts = [], [], [], {"": 0}
+    for start in tqdm(range(0, size, ENCODE_BATCH), desc="encoding world", unit="batch"):
+        samples = [world.generator.sample(i, "train", seed) for i in range(start, min(size, start + ENCODE_BATCH))]
+        posterior = pipeline.vae.encode(images_to_tensor(s.image for s in samples)).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+        prompt_index += [prompts.setdefault(s.prompt, len(prompts)) for s in samples]
+    ordered = list(prompts)
+    states = [pipeline.encode_prompt(ordered[i:i + ENCODE_BATCH], "cpu", 1, False)[0]
+              for i in range(0, len(ordered), ENCODE_BATCH)]
+    cache = {
+        "latent_mean": torch.cat(means).contiguous(), "latent_std": torch.cat(stds).contiguous(),
+        "prompt_index": torch.tensor(prompt_index), "text_states": torch.cat(states).half(),
+    }
+    temporary = cache_file.with_name(cache_file.name + ".tmp")
+    save_file(cache, temporary)
+    temporary.replace(cache_file)
+    return cache
+
+
+def train_unet(out: str | Path, vae_path: str | Path, config: UNetTrainConfig | None = None):
+    """Train the teacher UNet on the frozen VAE's latents; the EMA weights become ``out/teacher``."""
+    config = config or UNetTrainConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    vae = AutoencoderKL.from_pretrained(vae_path).eval().requires_grad_(False)
+    text_encoder, tokenizer = load_text_encoder()
+    torch.manual_seed(config.seed)
+    unet_config = dict(UNET_CONFIG)
+    if config.block_out_channels:
+        unet_config["block_out_channels"] = list(config.block_out_channels)
+    unet = build_unet(unet_config).train()
+    ema = copy.deepcopy(unet).requires_grad_(False).eval()
+    pipeline = assemble_pipeline(vae, ema, build_scheduler(), text_encoder, tokenizer)
+    noise_scheduler = training_scheduler(pipeline.scheduler)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=1e-2)
+    checkpoint = out / "unet-checkpoint"
+    modules = {"unet": unet, "ema": ema}
+    start = 0
+    if found := find_checkpoint(checkpoint):
+        start = load_checkpoint(found, modules, optimizer)["step"]
+    scaling = vae.config.scaling_factor
+    cache = encode_world(pipeline, config.dataset_size, config.seed, out / "world-cache.safetensors")
+
+    def step_fn(step: int) -> float:
+        generator = _step_generator(config.seed, step)
+        index = _batch_indices(step, config.batch_size, config.dataset_size, config.seed)
+        mean, std = cache["latent_mean"][index], cache["latent_std"][index]
+        latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
+        dropped = torch.rand(len(index), generator=generator) < config.caption_dropout
+        prompt_index = torch.where(dropped, 0, cache["prompt_index"][index])
+        text_states = cache["text_states"][prompt_index].float()
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
+            noise_scheduler.get_velocity(latents, noise, timesteps)
+        loss = F.mse_loss(unet(noisy, timesteps, text_states).sample, target)
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(config.lr, step, config.warmup, config.steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
+        optimizer.step()
+        decay = min(config.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1.0 - decay)
+        return loss.item()
+
+    def save_fn(step: int) -> None:
+        save_checkpoint(checkpoint, modules, {"step": step, "config": asdict(config)}, optimizer)
+
+    _run(checkpoint, config.steps, start, "unet", step_fn, save_fn, config.checkpoint_every)
+    save_teacher(pipeline, out / "teacher")
+    return pipeline

@@ -1,0 +1,87 @@
+"""Atomic checkpoints made of safetensors and JSON only (no pickle).
+
+A checkpoint is a folder: ``<name>.safetensors`` per state dict and ``state.json``. It is written to a
+temporary sibling folder and swapped in with renames, so an interruption leaves either the old or
+the new checkpoint, never a torn one. Optimizer state is stored tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "state.json"
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        index, _, name = key.partition(".")
+        state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, _, name = key.partition(".")
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(folder: str | os.PathLike, modules: dict[str, torch.nn.Module], state: dict,
+                    optimizer: torch.optim.Optimizer | None = None) -> Path:
+    """Write ``modules`` (name -> module), the optimizer and a JSON ``state`` atomically to ``folder``."""
+    folder = Path(folder)
+    temporary = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    for name, module in modules.items():
+        tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        save_file(tensors, temporary / f"{name}.safetensors")
+    payload = {"state": state}
+    if optimizer is not None:
+        tensors, meta = _optimizer_tensors(optimizer)
+        save_file(tensors, temporary / "optimizer.safetensors")
+        payload["optimizer"] = meta
+    (temporary / STATE_FILE).write_text(json.dumps(payload, indent=1))
+    previous = folder.with_name(folder.name + ".old")
+    shutil.rmtree(previous, ignore_errors=True)
+    if folder.exists():
+        folder.rename(previous)
+    temporary.rename(folder)
+    shutil.rmtree(previous, ignore_errors=True)
+    return folder
+
+
+def find_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The checkpoint at ``folder``, or the one an interrupted swap left as ``folder.old``."""
+    folder = Path(folder)
+    for candidate in (folder, folder.with_name(folder.name + ".old")):
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    return None
+
+
+def load_checkpoint(folder: str | os.PathLike, modules: dict[str, torch.nn.Module],
+                    optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Restore modules and optimizer from ``folder``; returns the saved JSON state."""
+    folder = Path(folder)
+    payload = json.loads((folder / STATE_FILE).read_text())
+    for name, module in modules.items():
+        module.load_state_dict(load_file(folder / f"{name}.safetensors"))
+    if optimizer is not None and "optimizer" in payload:
+        _load_optimizer(optimizer, load_file(folder / "optimizer.safetensors"), payload["optimizer"])
+    return payload["state"]
