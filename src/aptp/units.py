@@ -208,9 +208,17 @@ class MacsModel:
         return list(rows.values())
 
 
-def _round_up(kept: int, multiple: int, count: int) -> int:
-    rounded = -(-kept // multiple) * multiple
-    return rounded if rounded <= count else kept
+def round_kept(unit: UnitSpec, kept: int, channel_multiple: int = 8, up: bool = True) -> int:
+    """A kept element count of ``unit`` whose channels are a multiple of ``channel_multiple``
+    where the unit allows it (whole heads of 64 channels always are; GroupNorm groups of 10 channels
+    go in fours), and at least one element."""
+    if unit.is_depth or not unit.element_size:
+        return kept
+    multiple = channel_multiple // gcd(channel_multiple, unit.element_size)
+    if multiple > unit.count:
+        return max(1, kept)
+    rounded = (-(-kept // multiple) if up else round(kept / multiple)) * multiple
+    return min(unit.count, max(multiple, rounded))
 
 
 def uniform_width_architecture(model: MacsModel, target: float, channel_multiple: int = 8) -> Architecture:
@@ -227,9 +235,7 @@ def uniform_width_architecture(model: MacsModel, target: float, channel_multiple
         for unit in model.layout:
             if unit.is_depth:
                 continue
-            multiple = channel_multiple // gcd(channel_multiple, unit.element_size) if unit.element_size else 1
-            kept = _round_up(max(1, round(ratio * unit.count)), multiple, unit.count)
-            arch[unit.name] = list(range(kept))
+            arch[unit.name] = list(range(round_kept(unit, round(ratio * unit.count), channel_multiple)))
         return arch
 
     low, high = 0.0, 1.0

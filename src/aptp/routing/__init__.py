@@ -1,0 +1,10 @@
+"""The prompt router: architecture predictor, codes, hypernetwork, Sinkhorn assignment and losses.
+
+Works on unit layouts and MACs models, never on diffusers modules.
+"""
+
+from .losses import assignment_loss, contrastive_loss, resource_loss
+from .router import PromptRouter
+from .sinkhorn import sinkhorn
+
+__all__ = ["PromptRouter", "assignment_loss", "contrastive_loss", "resource_loss", "sinkhorn"]

@@ -1,0 +1,124 @@
+"""``PromptRouter``: prompt embedding -> architecture embedding -> code -> per-unit gates.
+
+* The predictor (an MLP) maps a frozen sentence embedding ``z`` to an architecture embedding ``e``.
+* ``K`` learnable codes live in the same space; prompt ``i`` and code ``k`` have score
+  ``cos(e_i, a_k)``. Training assigns prompts with Sinkhorn; inference takes the argmax.
+* The hypernetwork maps each code to one gate logit per unit element; gate probability is
+  ``sigmoid((logit + offset) / T)``, and training samples relaxed-Bernoulli gates with hard 0/1
+  values in the forward pass (straight-through).
+* The gates a prompt's UNet pass uses are ``w_i @ code_gates`` with ``w_i`` the one-hot of its
+  assigned code plus the straight-through gradient of ``softmax(scores_i / tau)``: the task losses
+  reach the predictor, not only the codes.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from ..units import Architecture, UnitLayout, round_kept
+
+
+class PromptRouter(ModelMixin, ConfigMixin):
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        units: Sequence[dict] = (),
+        num_codes: int = 8,
+        prompt_dim: int = 384,
+        arch_dim: int = 128,
+        hidden_dim: int = 256,
+        hyper_hidden_dim: int = 256,
+        gate_offset: float = 3.0,
+        score_temperature: float = 0.1,
+        prompt_encoder: str = "all-MiniLM-L6-v2",
+        metadata: dict | None = None,
+    ):
+        super().__init__()
+        if num_codes < 1:
+            raise ValueError(f"num_codes must be >= 1, got {num_codes}")
+        self.layout = UnitLayout.from_dict(units)
+        if self.layout.num_elements == 0:
+            raise ValueError("a router needs at least one prunable unit")
+        self.predictor = nn.Sequential(nn.Linear(prompt_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, arch_dim))
+        codes = torch.randn(num_codes, arch_dim)
+        self.codes = nn.Parameter(F.normalize(codes, dim=1))
+        self.hypernet = nn.Sequential(nn.Linear(arch_dim, hyper_hidden_dim), nn.GELU(),
+                                      nn.Linear(hyper_hidden_dim, self.layout.num_elements))
+        # Start with every gate open: logits = offset, sigmoid(offset) close to 1.
+        nn.init.zeros_(self.hypernet[-1].weight)
+        nn.init.zeros_(self.hypernet[-1].bias)
+
+    @property
+    def num_codes(self) -> int:
+        return self.codes.shape[0]
+
+    # -- routing --------------------------------------------------------------------------------
+
+    def embed(self, prompt_embeddings: torch.Tensor) -> torch.Tensor:
+        """Architecture embeddings ``e`` (B, d), unit length."""
+        return F.normalize(self.predictor(prompt_embeddings.to(self.codes.dtype)), dim=1)
+
+    def scores(self, arch_embeddings: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of every prompt to every code, (B, K)."""
+        return arch_embeddings @ F.normalize(self.codes, dim=1).t()
+
+    @torch.no_grad()
+    def route(self, prompt_embeddings: torch.Tensor) -> torch.Tensor:
+        """Expert index per prompt (argmax score): deterministic, independent of the batch."""
+        return self.scores(self.embed(prompt_embeddings)).argmax(dim=1)
+
+    def mix(self, scores: torch.Tensor, assignment: torch.Tensor, code_gates: torch.Tensor) -> torch.Tensor:
+        """Per-prompt gates (B, U): the assigned code's gates in value, with gradients into the scores."""
+        probabilities = F.softmax(scores / self.config.score_temperature, dim=1)
+        one_hot = F.one_hot(assignment, self.num_codes).to(probabilities.dtype)
+        weights = one_hot + (probabilities - probabilities.detach())  # exactly one-hot in value
+        return weights @ code_gates
+
+    # -- gates ----------------------------------------------------------------------------------
+
+    def gate_logits(self) -> torch.Tensor:
+        """Gate logits of every code, (K, U)."""
+        return self.hypernet(F.normalize(self.codes, dim=1)) + self.config.gate_offset
+
+    def gate_probabilities(self, temperature: float = 1.0) -> torch.Tensor:
+        return torch.sigmoid(self.gate_logits() / temperature)
+
+    def sample_gates(self, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Relaxed-Bernoulli gates (K, U): hard 0/1 in value, soft in gradient."""
+        logits = self.gate_logits()
+        uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+        uniform = uniform.clamp(1e-6, 1 - 1e-6)
+        soft = torch.sigmoid((logits + torch.log(uniform) - torch.log1p(-uniform)) / temperature)
+        hard = (soft > 0.5).to(soft.dtype)
+        return hard + (soft - soft.detach())  # exactly 0/1 in value
+
+    # -- experts --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def expert_architectures(self, channel_multiple: int = 8) -> list[Architecture]:
+        """The deterministic architecture of every code: threshold its gate probabilities at 0.5."""
+        probabilities = self.gate_probabilities().float().cpu()
+        return [materialize(probabilities[k], self.layout, channel_multiple) for k in range(self.num_codes)]
+
+
+def materialize(probabilities: torch.Tensor, layout: UnitLayout, channel_multiple: int = 8) -> Architecture:
+    """Architecture from one code's gate probabilities (U,): a depth unit stays if p > 0.5; a width
+    unit keeps as many elements as have p > 0.5 (rounded to hardware-friendly sizes, at least one),
+    choosing the most probable ones."""
+    architecture: Architecture = {}
+    for unit in layout:
+        p = probabilities[layout.slice_of(unit.name)]
+        if unit.is_depth:
+            architecture[unit.name] = [0] if p[0] > 0.5 else []
+            continue
+        kept = round_kept(unit, int((p > 0.5).sum()), channel_multiple, up=False)
+        architecture[unit.name] = sorted(torch.topk(p, kept).indices.tolist())
+    return architecture

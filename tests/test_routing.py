@@ -1,0 +1,121 @@
+"""Router, Sinkhorn balance, losses and gradient paths (tiny layouts, no diffusion model)."""
+
+import math
+
+import pytest
+import torch
+
+from aptp.routing import PromptRouter, assignment_loss, contrastive_loss, resource_loss, sinkhorn
+from aptp.routing.router import materialize
+from aptp.units import MacsModel, UnitLayout, UnitSpec
+
+UNITS = [
+    UnitSpec("a:block", "resnet", 1),
+    UnitSpec("a:groups", "groups", 8, element_size=2, parent="a:block"),
+    UnitSpec("b:heads", "heads", 4, element_size=16),
+    UnitSpec("c:ff", "ff", 6, element_size=8),
+]
+
+
+def tiny_router(num_codes=3, seed=0):
+    torch.manual_seed(seed)
+    return PromptRouter(units=UnitLayout(UNITS).to_dict(), num_codes=num_codes, prompt_dim=12, arch_dim=8,
+                        hidden_dim=16, hyper_hidden_dim=16)
+
+
+def tiny_macs(layout):
+    per_unit = {"a:block": 5.0, "a:groups": 2.0, "b:heads": 3.0, "c:ff": 1.0}
+    element = torch.cat([torch.full((u.count,), per_unit[u.name], dtype=torch.float64) for u in layout])
+    parent = torch.tensor([-1] + [0] * 8 + [-1] * 10)
+    return MacsModel(layout, fixed=20.0, element_macs=element, element_attention_macs=torch.zeros_like(element),
+                     parent_index=parent)
+
+
+def test_sinkhorn_balances_codes_even_for_collapsed_scores():
+    scores = torch.zeros(12, 3)
+    scores[:, 0] = 1.0  # every prompt prefers code 0
+    scores += 0.01 * torch.randn(12, 3, generator=torch.Generator().manual_seed(0))
+    q = sinkhorn(scores, epsilon=0.05, iterations=50)
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(12))
+    torch.testing.assert_close(q.sum(dim=0), torch.full((3,), 4.0), atol=1e-3, rtol=0)
+    assert torch.bincount(q.argmax(dim=1), minlength=3).min() >= 3
+
+
+def test_sinkhorn_keeps_clear_preferences():
+    scores = torch.eye(3).repeat(4, 1)  # prompt i prefers code i % 3, already balanced
+    q = sinkhorn(scores, epsilon=0.05, iterations=3)
+    assert torch.equal(q.argmax(dim=1), torch.arange(12) % 3)
+
+
+def test_resource_loss_matches_hand_computation():
+    fractions = torch.tensor([0.5, 0.7, 0.9])  # mean 0.7
+    assert resource_loss(fractions, 0.6).item() == pytest.approx(abs(math.log(0.7 / 0.6)))
+    assert resource_loss(torch.tensor([0.3, 0.9]), 0.6).item() == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="budget"):
+        resource_loss(fractions, 1.5)
+
+
+def test_assignment_and_contrastive_losses():
+    scores = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    expected = -torch.log_softmax(scores / 0.1, dim=1)[0, 0].item()
+    assert assignment_loss(scores, q, 0.1).item() == pytest.approx(expected)
+    z = torch.randn(6, 12, generator=torch.Generator().manual_seed(1))
+    # The same geometry in another space costs nothing; a scrambled one costs more.
+    rotation = torch.linalg.qr(torch.randn(12, 12, generator=torch.Generator().manual_seed(2)))[0]
+    assert contrastive_loss(z @ rotation, z).item() == pytest.approx(0.0, abs=1e-5)
+    assert contrastive_loss(z[torch.randperm(6, generator=torch.Generator().manual_seed(3))], z).item() > 0.1
+
+
+def test_router_starts_dense_and_routes_deterministically():
+    router = tiny_router()
+    probabilities = router.gate_probabilities()
+    assert probabilities.shape == (3, 19) and (probabilities > 0.9).all()
+    z = torch.randn(5, 12, generator=torch.Generator().manual_seed(4))
+    together = router.route(z)
+    one_by_one = torch.cat([router.route(z[i:i + 1]) for i in range(5)])
+    assert torch.equal(together, one_by_one)
+
+
+def test_task_losses_reach_the_predictor_and_codes():
+    """L_resource (standing in for any loss computed from the gates) must give the predictor a gradient."""
+    router = tiny_router()
+    macs = tiny_macs(router.layout)
+    z = torch.randn(6, 12, generator=torch.Generator().manual_seed(5))
+    scores = router.scores(router.embed(z))
+    assignment = sinkhorn(scores).argmax(dim=1)
+    gates = router.mix(scores, assignment, router.sample_gates(generator=torch.Generator().manual_seed(6)))
+    assert set(gates.detach().unique().tolist()) <= {0.0, 1.0}
+    loss = resource_loss(macs.fraction(gates.double()).float(), budget=0.5)
+    loss.backward()
+    assert router.predictor[0].weight.grad.abs().sum() > 0
+    assert router.codes.grad.abs().sum() > 0
+    assert router.hypernet[-1].weight.grad.abs().sum() > 0
+
+
+def test_materialize_thresholds_and_rounds():
+    layout = UnitLayout(UNITS)
+    p = torch.zeros(layout.num_elements)
+    p[layout.slice_of("a:block")] = 0.9
+    p[layout.slice_of("a:groups")] = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.55, 0.1, 0.2, 0.3])  # 5 above 0.5
+    p[layout.slice_of("b:heads")] = torch.tensor([0.1, 0.7, 0.2, 0.3])
+    p[layout.slice_of("c:ff")] = 0.0  # nothing kept -> at least one
+    architecture = materialize(p, layout, channel_multiple=8)
+    assert architecture["a:block"] == [0]
+    assert architecture["a:groups"] == [0, 1, 2, 3]  # groups of 2 channels go in fours
+    assert architecture["b:heads"] == [1]
+    assert len(architecture["c:ff"]) == 1
+    p[layout.slice_of("a:block")] = 0.2
+    assert materialize(p, layout)["a:block"] == []
+
+
+def test_router_saves_and_loads(tmp_path):
+    router = tiny_router()
+    with torch.no_grad():
+        router.hypernet[-1].bias.normal_()
+    router.save_pretrained(tmp_path)
+    loaded = PromptRouter.from_pretrained(tmp_path)
+    z = torch.randn(4, 12, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(loaded.route(z), router.route(z))
+    assert torch.equal(loaded.gate_probabilities(), router.gate_probabilities())
+    assert loaded.expert_architectures() == router.expert_architectures()
