@@ -9,8 +9,6 @@ from aptp.utils import APTPError
 from aptp.world import generator
 
 DEFAULT_EXPORT_N = 200
-DEFAULT_PREVIEW_PER_CATEGORY = 8
-DEFAULT_PREVIEW_SCALE = 2
 
 
 def add_world_parser(subparsers) -> argparse.ArgumentParser:
@@ -27,11 +25,11 @@ def add_world_parser(subparsers) -> argparse.ArgumentParser:
     preview = commands.add_parser("preview", help="write a PNG grid with a few samples of each category")
     preview.add_argument("out", metavar="OUT", type=Path, help="output PNG file")
     preview.add_argument(
-        "--per-category", type=int, default=DEFAULT_PREVIEW_PER_CATEGORY,
+        "--per-category", type=int, default=generator.PREVIEW_PER_CATEGORY,
         help="samples per category row (default: %(default)s)",
     )  # fmt: skip
     preview.add_argument(
-        "--scale", type=int, default=DEFAULT_PREVIEW_SCALE, help="upscaling factor of each image (default: %(default)s)"
+        "--scale", type=int, default=generator.PREVIEW_SCALE, help="upscaling of each image (default: %(default)s)"
     )
     add_split_and_seed(preview)
     preview.set_defaults(func=run_preview)
@@ -39,8 +37,10 @@ def add_world_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def add_split_and_seed(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--split", choices=generator.SPLITS, default="train", help="(default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    parser.add_argument(
+        "--split", choices=generator.SPLITS, default="train", help="whose prompts to draw (default: %(default)s)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="generator seed (default: %(default)s)")
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 from tqdm import tqdm
 
@@ -167,7 +167,7 @@ def pil_to_rgb64(image: Image.Image) -> Image.Image:
 def target_attributes(target: WorldSample | dict) -> dict:
     """The canonical attributes a target asks for (a sample or a plain attribute dict)."""
     attributes = target.attributes if isinstance(target, WorldSample) else dict(target)
-    category_of(attributes)
+    category_of(attributes)  # rejects attribute sets that belong to no category
     return canonical_attributes(attributes)
 
 
@@ -179,7 +179,7 @@ def attribute_matches(images, targets: Sequence[WorldSample | dict], evaluator: 
     """For each image: its category and ``{attribute: recovered?}`` over its prompt's attributes."""
     if len(images) != len(targets):
         raise APTPError(f"got {len(images)} images but {len(targets)} prompts/attribute sets")
-    evaluator = evaluator or default_evaluator()
+    evaluator = evaluator if evaluator is not None else default_evaluator()
     wanted = [target_attributes(t) for t in targets]
     predicted = evaluator.predict(images)
     return [
@@ -246,7 +246,8 @@ def save_evaluator(model: WorldEvaluator, weights_dir: str | Path = WEIGHTS_DIR)
         name: (tensor.half() if tensor.is_floating_point() else tensor).contiguous()
         for name, tensor in model.state_dict().items()
     }
-    save_file(state, weights_dir / WEIGHTS_FILE)
+    # Writing the bytes ourselves (not save_file) gives the file normal permissions rather than owner-only.
+    (weights_dir / WEIGHTS_FILE).write_bytes(save(state))
     (weights_dir / CONFIG_FILE).write_text(json.dumps(model.config(), indent=2) + "\n")
     return weights_dir / WEIGHTS_FILE
 
@@ -299,6 +300,8 @@ def train_evaluator(
     progress: bool = True,
 ) -> WorldEvaluator:
     """Train a fresh evaluator on a stream of new augmented train-split samples; returns it in eval mode."""
+    if steps <= 0 or batch_size <= 0:
+        raise APTPError(f"steps and batch size must be > 0, got {steps} and {batch_size}")
     torch.manual_seed(seed)
     rng = torch.Generator().manual_seed(seed)
     model = WorldEvaluator().to(memory_format=torch.channels_last)
@@ -330,15 +333,18 @@ def train_evaluator(
 
 
 def measure(evaluator: WorldEvaluator, per_category: int = TEST_PER_CATEGORY, seed: int = TEST_SEED) -> dict:
-    """Held-out test-split accuracy per attribute and per category, plus the score of random noise images."""
+    """Held-out test-split accuracy per attribute and per category, on clean images, on the same images
+    degraded by the training augmentation, and on random noise (what an unreadable image scores)."""
     samples = generator.generate(per_category * len(generator.CATEGORIES), "test", seed)
-    images = [s.image for s in samples]
-    noise = torch.rand(len(samples), 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+    images = to_tensor([s.image for s in samples])
+    degraded = augment(images, torch.Generator().manual_seed(seed))
+    noise = torch.rand(images.shape, generator=torch.Generator().manual_seed(seed))
     return {
         "test_images": len(samples),
         "test_seed": seed,
         "attribute_accuracy": attribute_accuracy(images, samples, evaluator),
         "world_accuracy": world_accuracy(images, samples, evaluator),
+        "degraded_world_accuracy": world_accuracy(degraded, samples, evaluator),
         "noise_world_accuracy": world_accuracy(noise, samples, evaluator),
     }
 

@@ -94,6 +94,10 @@ TEXT_MAX_WIDTH = 58.0
 TEXT_STROKE = 0.035
 PLACEMENT_TRIES = 200
 PNG_COMPRESS_LEVEL = 6
+PREVIEW_PER_CATEGORY = 8
+PREVIEW_SCALE = 2
+PREVIEW_PADDING = 2
+PREVIEW_PADDING_COLOR = (60, 60, 60)
 
 
 @dataclass(frozen=True)
@@ -257,11 +261,12 @@ def place_pair(rng: random.Random, relation: str) -> list[tuple[float, float, fl
     """
     while True:
         s1, s2 = rng.uniform(*TWO_SIZE), rng.uniform(*TWO_SIZE)
-        x1 = rng.uniform(BORDER + s1 / 2, IMAGE_SIZE / 2)
-        x2 = rng.uniform(max(IMAGE_SIZE / 2, x1 + (s1 + s2) / 2 + OBJECT_GAP), IMAGE_SIZE - BORDER - s2 / 2)
+        min_gap = (s1 + s2) / 2 + OBJECT_GAP
+        x1 = rng.uniform(BORDER + s1 / 2, IMAGE_SIZE - BORDER - s2 / 2 - min_gap)
+        x2 = rng.uniform(x1 + min_gap, IMAGE_SIZE - BORDER - s2 / 2)
         y1 = rng.uniform(BORDER + s1 / 2, IMAGE_SIZE - BORDER - s1 / 2)
         y2 = rng.uniform(BORDER + s2 / 2, IMAGE_SIZE - BORDER - s2 / 2)
-        if x2 - x1 >= (s1 + s2) / 2 + OBJECT_GAP and abs(y2 - y1) <= (x2 - x1) / 2:
+        if abs(y2 - y1) <= (x2 - x1) / 2:
             break
     first, second = (x1, y1, s1), (x2, y2, s2)
     if relation in MIRRORED_RELATIONS:
@@ -341,12 +346,10 @@ def sample(index: int, split: str = "train", seed: int = 0, categories: Sequence
     return WorldSample(make_prompt(attributes), category, attributes, render(attributes, rng))
 
 
-def iter_samples(
-    split: str = "train", seed: int = 0, categories: Sequence[str] | None = None, start: int = 0
-) -> Iterator[WorldSample]:
-    """Endless stream of samples ``start, start + 1, ...`` of a split (a balanced category mix)."""
+def iter_samples(split: str = "train", seed: int = 0, categories: Sequence[str] | None = None) -> Iterator[WorldSample]:
+    """Endless stream of samples ``0, 1, 2, ...`` of a split (a balanced category mix)."""
     categories = check_split_and_categories(split, categories)
-    for index in itertools.count(start):
+    for index in itertools.count():
         yield sample(index, split, seed, categories)
 
 
@@ -359,15 +362,15 @@ def generate(
     return list(itertools.islice(iter_samples(split, seed, categories), n))
 
 
-def metadata_record(file_name: str, sample: WorldSample) -> dict:
+def metadata_record(file_name: str, world_sample: WorldSample) -> dict:
     """One ``metadata.jsonl`` line: file name, caption, category, and every attribute column.
 
     Every line carries every attribute key (null where it does not apply) so tabular loaders such as
     the Hugging Face imagefolder builder infer a single schema for the whole file.
     """
     columns = dict.fromkeys(sorted({k for keys in ATTRIBUTE_KEYS.values() for k in keys}))
-    columns.update(sample.attributes)
-    return {"file_name": file_name, "text": sample.prompt, "category": sample.category, **columns}
+    columns.update(world_sample.attributes)
+    return {"file_name": file_name, "text": world_sample.prompt, "category": world_sample.category, **columns}
 
 
 def export_imagefolder(out_dir: str | os.PathLike, n: int, split: str = "train", seed: int = 0) -> Path:
@@ -391,9 +394,7 @@ def export_imagefolder(out_dir: str | os.PathLike, n: int, split: str = "train",
     try:
         records = []
         width = max(5, len(str(n - 1)))
-        for index, world_sample in enumerate(iter_samples(split, seed)):
-            if index == n:
-                break
+        for index, world_sample in enumerate(itertools.islice(iter_samples(split, seed), n)):
             file_name = f"{index:0{width}d}.png"
             world_sample.image.save(staging / file_name, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
             records.append(json.dumps(metadata_record(file_name, world_sample)))
@@ -405,13 +406,17 @@ def export_imagefolder(out_dir: str | os.PathLike, n: int, split: str = "train",
     return out_dir
 
 
-def preview_grid(per_category: int = 6, split: str = "train", seed: int = 0, scale: int = 2) -> Image.Image:
+def preview_grid(
+    per_category: int = PREVIEW_PER_CATEGORY, split: str = "train", seed: int = 0, scale: int = PREVIEW_SCALE
+) -> Image.Image:
     """A grid image with one row per category and ``per_category`` samples in each row, upscaled by ``scale``."""
     if per_category <= 0 or scale <= 0:
         raise APTPError(f"per-category count and scale must be > 0, got {per_category} and {scale}")
     cell = IMAGE_SIZE * scale
-    pad = 2
-    grid = Image.new("RGB", (per_category * (cell + pad) + pad, len(CATEGORIES) * (cell + pad) + pad), (60, 60, 60))
+    pad = PREVIEW_PADDING
+    grid = Image.new(
+        "RGB", (per_category * (cell + pad) + pad, len(CATEGORIES) * (cell + pad) + pad), PREVIEW_PADDING_COLOR
+    )
     for row, category in enumerate(CATEGORIES):
         for col, world_sample in enumerate(generate(per_category, split, seed, [category])):
             tile = world_sample.image.resize((cell, cell), Image.Resampling.NEAREST)
