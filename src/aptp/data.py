@@ -176,3 +176,22 @@ def collate(items: list[dict]) -> dict:
         "pixel_values": torch.stack([item["pixel_values"] for item in kept]) if kept else None,
         "skipped": len(items) - len(kept),
     }
+
+
+class WorldImages(torch.utils.data.Dataset):
+    """The first ``size`` samples of a world split, in the same item format as :class:`CaptionedImages`."""
+
+    def __init__(self, size: int, split: str = "train", seed: int = 0):
+        if size < 1:
+            raise APTPError(f"world dataset size must be >= 1, got {size}")
+        self.size, self.split, self.seed = size, split, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        from .world.generator import sample
+
+        item = sample(index, self.split, self.seed)
+        pixels = torch.from_numpy(np.asarray(item.image.convert("RGB")).copy()).permute(2, 0, 1).float()
+        return {"index": index, "prompt": item.prompt, "category": item.category, "pixel_values": pixels / 127.5 - 1}

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .. import world
+from ..data import WorldImages
+from ..training.cache import EMPTY_PROMPT_INDEX, encode_dataset
 from ..training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from ..utils import APTPError
 from .components import (
@@ -172,39 +173,6 @@ def latent_scaling_factor(vae: AutoencoderKL, seed: int, samples: int = 512) -> 
     return float(1.0 / latents.std())
 
 
-ENCODE_BATCH = 64
-
-
-@torch.no_grad()
-def encode_world(pipeline, size: int, seed: int, cache_file: Path) -> dict[str, torch.Tensor]:
-    """Latent distributions and text states of the first ``size`` train samples, cached on disk.
-
-    Text states are stored once per distinct prompt; index 0 is the empty prompt (for guidance).
-    """
-    if cache_file.is_file():
-        cache = load_file(cache_file)
-        if cache["latent_mean"].shape[0] == size:
-            return cache
-    means, stds, prompt_index, prompts = [], [], [], {"": 0}
-    for start in tqdm(range(0, size, ENCODE_BATCH), desc="encoding world", unit="batch"):
-        samples = [world.generator.sample(i, "train", seed) for i in range(start, min(size, start + ENCODE_BATCH))]
-        posterior = pipeline.vae.encode(images_to_tensor(s.image for s in samples)).latent_dist
-        means.append(posterior.mean)
-        stds.append(posterior.std)
-        prompt_index += [prompts.setdefault(s.prompt, len(prompts)) for s in samples]
-    ordered = list(prompts)
-    states = [pipeline.encode_prompt(ordered[i:i + ENCODE_BATCH], "cpu", 1, False)[0]
-              for i in range(0, len(ordered), ENCODE_BATCH)]
-    cache = {
-        "latent_mean": torch.cat(means).contiguous(), "latent_std": torch.cat(stds).contiguous(),
-        "prompt_index": torch.tensor(prompt_index), "text_states": torch.cat(states).half(),
-    }
-    temporary = cache_file.with_name(cache_file.name + ".tmp")
-    save_file(cache, temporary)
-    temporary.replace(cache_file)
-    return cache
-
-
 def train_unet(out: str | Path, vae_path: str | Path, config: UNetTrainConfig | None = None):
     """Train the teacher UNet on the frozen VAE's latents; the EMA weights become ``out/teacher``."""
     config = config or UNetTrainConfig()
@@ -227,15 +195,18 @@ def train_unet(out: str | Path, vae_path: str | Path, config: UNetTrainConfig | 
     if found := find_checkpoint(checkpoint):
         start = load_checkpoint(found, modules, optimizer)["step"]
     scaling = vae.config.scaling_factor
-    cache = encode_world(pipeline, config.dataset_size, config.seed, out / "world-cache.safetensors")
+    cache = encode_dataset(WorldImages(config.dataset_size, "train", config.seed), vae,
+                           lambda prompts: pipeline.encode_prompt(prompts, "cpu", 1, False)[0],
+                           out / "world-cache.safetensors")
+    size = len(cache["prompt_index"])
 
     def step_fn(step: int) -> float:
         generator = _step_generator(config.seed, step)
-        index = _batch_indices(step, config.batch_size, config.dataset_size, config.seed)
+        index = _batch_indices(step, config.batch_size, size, config.seed)
         mean, std = cache["latent_mean"][index], cache["latent_std"][index]
         latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
         dropped = torch.rand(len(index), generator=generator) < config.caption_dropout
-        prompt_index = torch.where(dropped, 0, cache["prompt_index"][index])
+        prompt_index = torch.where(dropped, EMPTY_PROMPT_INDEX, cache["prompt_index"][index])
         text_states = cache["text_states"][prompt_index].float()
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator)

@@ -1,0 +1,66 @@
+"""Encode a captioned dataset once: VAE latent distributions, text-encoder states and (optionally)
+sentence embeddings per distinct prompt, cached in one safetensors file.
+
+Training steps then only index tensors; no image decoding, VAE or text encoder on the hot path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..data import collate
+
+EMPTY_PROMPT_INDEX = 0  # the empty prompt (classifier-free guidance) is always entry 0
+
+
+@torch.no_grad()
+def encode_dataset(dataset, vae, encode_text: Callable[[list[str]], torch.Tensor], cache_file: str | Path,
+                   encode_sentences: Callable[[list[str]], torch.Tensor] | None = None,
+                   batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """Tensors: ``latent_mean``/``latent_std`` (N, C, h, w), ``prompt_index`` (N,), ``dataset_index``
+    (N,), ``text_states`` (P, L, D) fp16 and, with ``encode_sentences``, ``prompt_embeddings`` (P, E).
+    Unreadable images are dropped (``skipped`` holds their count). A cache of the same length is reused.
+    """
+    cache_file = Path(cache_file)
+    if cache_file.is_file():
+        cache = load_file(cache_file)
+        if int(cache["requested"]) == len(dataset):
+            return cache
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=0)
+    means, stds, prompt_index, dataset_index, prompts, skipped = [], [], [], [], {"": EMPTY_PROMPT_INDEX}, 0
+    for batch in tqdm(loader, desc="encoding dataset", unit="batch"):
+        skipped += batch["skipped"]
+        if batch["pixel_values"] is None:
+            continue
+        posterior = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
+        means.append(posterior.mean.float().cpu())
+        stds.append(posterior.std.float().cpu())
+        prompt_index += [prompts.setdefault(p, len(prompts)) for p in batch["prompt"]]
+        dataset_index.append(batch["index"])
+    if not means:
+        from ..utils import APTPError
+
+        raise APTPError("no readable images in the dataset")
+    ordered = list(prompts)
+    chunks = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    cache = {
+        "latent_mean": torch.cat(means).contiguous(),
+        "latent_std": torch.cat(stds).contiguous(),
+        "prompt_index": torch.tensor(prompt_index),
+        "dataset_index": torch.cat(dataset_index),
+        "text_states": torch.cat([encode_text(c).float().cpu() for c in chunks]).half().contiguous(),
+        "requested": torch.tensor(len(dataset)),
+        "skipped": torch.tensor(skipped),
+    }
+    if encode_sentences is not None:
+        cache["prompt_embeddings"] = torch.cat([encode_sentences(c).float().cpu() for c in chunks]).contiguous()
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    temporary = cache_file.with_name(cache_file.name + ".tmp")
+    save_file(cache, temporary)
+    temporary.replace(cache_file)
+    return cache
