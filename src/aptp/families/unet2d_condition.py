@@ -422,6 +422,15 @@ def check_consistency(unet: nn.Module) -> None:
         raise ArchitectureError("inconsistent architecture:\n  " + "\n  ".join(problems))
 
 
+def feature_modules(unet: nn.Module) -> dict[str, nn.Module]:
+    """The blocks whose outputs block-level distillation compares (down, mid and up blocks)."""
+    modules = {f"down_blocks.{i}": block for i, block in enumerate(unet.down_blocks)}
+    if unet.mid_block is not None:
+        modules["mid_block"] = unet.mid_block
+    modules.update({f"up_blocks.{i}": block for i, block in enumerate(unet.up_blocks)})
+    return modules
+
+
 # ---------------------------------------------------------------------------------------------
 # Costs
 

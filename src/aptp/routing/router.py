@@ -94,7 +94,8 @@ class PromptRouter(ModelMixin, ConfigMixin):
     def sample_gates(self, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
         """Relaxed-Bernoulli gates (K, U): hard 0/1 in value, soft in gradient."""
         logits = self.gate_logits()
-        uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+        # Drawn on the CPU so a CPU generator gives the same noise on any device.
+        uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float32).to(logits.device, logits.dtype)
         uniform = uniform.clamp(1e-6, 1 - 1e-6)
         soft = torch.sigmoid((logits + torch.log(uniform) - torch.log1p(-uniform)) / temperature)
         hard = (soft > 0.5).to(soft.dtype)

@@ -138,7 +138,7 @@ def load_teacher(folder: str | os.PathLike | None = None, device: str | torch.de
     text_encoder, tokenizer = load_text_encoder()
     pipeline = StableDiffusionPipeline.from_pretrained(
         folder, text_encoder=text_encoder, tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False, torch_dtype=dtype,
+        requires_safety_checker=False, dtype=dtype,
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)

@@ -1,0 +1,38 @@
+"""Loading the base text-to-image pipeline that is pruned."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..teacher.components import TEACHER_DIR, load_teacher
+from ..utils import APTPError
+
+WORLD = "world"
+
+
+def load_base_pipeline(source: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """``"world"`` (the shipped world teacher) or a local Stable Diffusion pipeline folder."""
+    if source == WORLD:
+        return load_teacher(TEACHER_DIR, device, dtype)
+    folder = Path(source)
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise APTPError(f"{source}: not a diffusers pipeline folder (no model_index.json) and not '{WORLD}'")
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError as error:
+        raise APTPError(f"{index_file} is not valid JSON ({error.msg})") from None
+    if index.get("text_encoder", [None, None])[1] == "BertModel" and not (folder / "text_encoder").is_dir():
+        return load_teacher(folder, device, dtype)  # a world-teacher-style folder: MiniLM from its package
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipeline = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, feature_extractor=None,
+                                                           requires_safety_checker=False, dtype=dtype)
+    except Exception as error:
+        raise APTPError(f"cannot load a Stable Diffusion pipeline from {folder}: {error}") from None
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)

@@ -1,0 +1,415 @@
+"""The pruning phase: train the prompt router, K codes and the hypernetwork under a MACs budget.
+
+The base UNet is frozen and gated by hooks. Each step:
+  1. route: architecture embeddings -> scores -> Sinkhorn assignment over the global batch;
+  2. gates: every code samples relaxed-Bernoulli gates; each prompt takes its code's gates, with the
+     straight-through gradient of its routing probabilities (so task losses reach the predictor);
+  3. losses: diffusion loss of the gated UNet, distillation of output and block features from the
+     same UNet with open gates, resource loss on the exact MACs model, contrastive and
+     swapped-assignment losses on the router.
+Runs unchanged under ``accelerate launch``; checkpoints are atomic and resuming is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import DDPMScheduler
+from tqdm.auto import tqdm
+
+from ..config import UnitOptions
+from ..data import CaptionedImages, WorldImages, load_cc3m, load_coco, load_imagefolder
+from ..families import family_of
+from ..routing import PromptRouter, assignment_loss, contrastive_loss, resource_loss, sinkhorn
+from ..routing.encoder import DEFAULT_PROMPT_ENCODER, PromptEncoder
+from ..utils import APTPError, write_json_atomic
+from .base_model import WORLD, load_base_pipeline
+from .cache import encode_dataset
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class PruneConfig:
+    # What is pruned, on what data.
+    model: str = WORLD  # "world" or a Stable Diffusion pipeline folder
+    data: str = WORLD  # "world", an imagefolder, "coco:ROOT[:SPLIT]" or "cc3m:TSV:IMAGE_FOLDER"
+    train_size: int = 4000  # captioned images used (world samples, or the first N records)
+    val_size: int = 400  # prompts for validation (world val split, or the records after train_size)
+    resolution: int | None = None  # pixels; default: the UNet's sample size x the VAE scale
+    text_length: int | None = None  # default: the tokenizer's max length
+    output_dir: str = "runs/prune"
+    prompt_encoder: str = DEFAULT_PROMPT_ENCODER
+    # Method.
+    num_codes: int = 4
+    budget: float = 0.6
+    depth: str = "last"
+    ff_chunks: int = 32
+    arch_dim: int = 64
+    hidden_dim: int = 256
+    hyper_hidden_dim: int = 256
+    gate_offset: float = 3.0
+    gate_temperature_start: float = 1.0
+    gate_temperature_end: float = 0.2
+    score_temperature: float = 0.1
+    contrastive_temperature: float = 0.05
+    sinkhorn_epsilon: float = 0.05
+    sinkhorn_iterations: int = 3
+    lambda_ddpm: float = 1.0
+    lambda_distill: float = 0.2
+    lambda_blocks: float = 0.2
+    lambda_resource: float = 2.0
+    lambda_contrastive: float = 100.0
+    lambda_assign: float = 1.0
+    min_snr_gamma: float | None = None
+    # Optimisation.
+    steps: int = 300
+    warmup_steps: int = 30  # gates stay open while the router learns the prompt geometry
+    batch_size: int = 32  # per process
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 50
+    log_every: int = 10
+    mixed_precision: str = "no"
+
+    def __post_init__(self):
+        if not 0 < self.budget <= 1:
+            raise APTPError(f"budget must be in (0, 1], got {self.budget}")
+        if self.num_codes < 1 or self.steps < 1 or self.batch_size < 1:
+            raise APTPError("num_codes, steps and batch_size must be >= 1")
+        if self.warmup_steps >= self.steps:
+            raise APTPError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        UnitOptions(ff_chunks=self.ff_chunks, depth=self.depth)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PruneConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise APTPError(f"unknown prune config key(s): {unknown}")
+        return cls(**data)
+
+
+def load_prune_config(path: str | Path | None, overrides: dict | None = None) -> PruneConfig:
+    """YAML file (optional) plus ``key=value`` overrides; unknown keys are errors."""
+    data = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise APTPError(f"no such config file: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise APTPError(f"{path} is not valid YAML: {error}") from None
+        if not isinstance(data, dict):
+            raise APTPError(f"{path} must hold a mapping of options")
+    return PruneConfig.from_dict({**data, **(overrides or {})})
+
+
+def _datasets(config: PruneConfig, resolution: int):
+    """Train and validation datasets for the configured data source."""
+    if config.data == WORLD:
+        return WorldImages(config.train_size, "train", config.seed), WorldImages(config.val_size, "val", config.seed)
+    kind, _, rest = config.data.partition(":")
+    if kind == "coco" and rest:
+        root, _, split = rest.partition(":")
+        report = load_coco(root, split or "train2014")
+    elif kind == "cc3m" and rest.count(":") >= 1:
+        tsv, _, images = rest.partition(":")
+        report = load_cc3m(tsv, images)
+    else:
+        report = load_imagefolder(config.data)
+    print(f"data: {report.summary()}")
+    records = report.records
+    if len(records) < 2:
+        raise APTPError(f"{config.data}: need at least two captioned images, found {len(records)}")
+    train = records[:config.train_size]
+    val = records[config.train_size:config.train_size + config.val_size] or train[-config.val_size:]
+    return CaptionedImages(train, resolution), CaptionedImages(val, resolution)
+
+
+def _batch_index(step: int, batch: int, size: int, seed: int, rank: int, world: int) -> torch.Tensor:
+    """This process's share of global batch ``step``; a new permutation of the data every epoch."""
+    positions = torch.arange(step * batch * world, (step + 1) * batch * world)[rank::world]
+    epochs = positions.div(size, rounding_mode="floor")
+    index = torch.empty_like(positions)
+    for epoch in epochs.unique().tolist():
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        index[epochs == epoch] = order[positions[epochs == epoch] % size]
+    return index
+
+
+def _gate_temperature(config: PruneConfig, step: int) -> float:
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, max(0.0, progress))
+    return config.gate_temperature_start * (config.gate_temperature_end / config.gate_temperature_start) ** progress
+
+
+def _diffusion_target(scheduler, latents, noise, timesteps):
+    if scheduler.config.prediction_type == "epsilon":
+        return noise
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise APTPError(f"prediction type {scheduler.config.prediction_type!r} is not supported")
+
+
+def _snr_weights(scheduler, timesteps, gamma: float | None) -> torch.Tensor | None:
+    """Min-SNR-gamma weights (Hang et al. 2023) for the diffusion loss, or None."""
+    if gamma is None:
+        return None
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas / (1 - alphas)
+    weight = torch.clamp(snr, max=gamma) / snr
+    return weight + 1 if scheduler.config.prediction_type == "v_prediction" else weight
+
+
+class _BlockRecorder:
+    """Forward hooks keeping the outputs of the distilled blocks of the last forward."""
+
+    def __init__(self, modules: dict):
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name):
+        def hook(module, args, output):
+            self.outputs[name] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def take(self) -> dict[str, torch.Tensor]:
+        outputs, self.outputs = self.outputs, {}
+        return outputs
+
+
+@dataclass
+class PruneState:
+    """Everything the pruning loop needs besides the config (built once by :func:`prepare`)."""
+
+    accelerator: Accelerator
+    pipeline: object
+    unet: torch.nn.Module
+    controller: object
+    macs_model: object
+    router: PromptRouter
+    optimizer: torch.optim.Optimizer
+    scheduler: DDPMScheduler
+    recorder: _BlockRecorder
+    train: dict
+    val: dict
+    latent_size: tuple[int, int]
+    resolution: int
+    text_length: int
+
+
+def prepare(config: PruneConfig) -> PruneState:
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with="tensorboard",
+                              project_dir=config.output_dir)
+    set_seed(config.seed)
+    pipeline = load_base_pipeline(config.model, accelerator.device)
+    unet = pipeline.unet.eval().requires_grad_(False)
+    pipeline.vae.requires_grad_(False)
+    pipeline.text_encoder.requires_grad_(False)
+    family = family_of(unet)
+    options = UnitOptions(ff_chunks=config.ff_chunks, depth=config.depth)
+    scale = pipeline.vae_scale_factor
+    sample = unet.config.sample_size
+    resolution = config.resolution or (sample if isinstance(sample, int) else sample[0]) * scale
+    if resolution % scale:
+        raise APTPError(f"resolution {resolution} is not a multiple of the VAE scale factor {scale}")
+    latent_size = (resolution // scale, resolution // scale)
+    text_length = config.text_length or pipeline.tokenizer.model_max_length
+    macs_model = family.build_macs_model(unet, latent_size, text_length, options)
+    controller = family.attach_gates(unet, options)
+
+    encoder = PromptEncoder(config.prompt_encoder, accelerator.device)
+    out = Path(config.output_dir)
+    train_set, val_set = _datasets(config, resolution)
+
+    def text_states(prompts):
+        return pipeline.encode_prompt(prompts, accelerator.device, 1, False)[0]
+
+    with accelerator.main_process_first():
+        train = encode_dataset(train_set, pipeline.vae, text_states, out / "cache" / "train.safetensors",
+                               encoder.encode)
+        val = encode_dataset(val_set, pipeline.vae, text_states, out / "cache" / "val.safetensors", encoder.encode)
+    router = PromptRouter(
+        units=macs_model.layout.to_dict(), num_codes=config.num_codes, prompt_dim=encoder.dim,
+        arch_dim=config.arch_dim, hidden_dim=config.hidden_dim, hyper_hidden_dim=config.hyper_hidden_dim,
+        gate_offset=config.gate_offset, score_temperature=config.score_temperature,
+        prompt_encoder=config.prompt_encoder,
+        metadata={
+            "base_model": config.model, "family": family.NAME, "resolution": resolution,
+            "latent_size": list(latent_size), "text_length": text_length, "budget": config.budget,
+            "unit_options": options.to_dict(), "dense_macs": macs_model.dense,
+        },
+    )
+    optimizer = torch.optim.AdamW(router.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    router, optimizer = accelerator.prepare(router, optimizer)
+    return PruneState(accelerator, pipeline, unet, controller, macs_model, router, optimizer,
+                      DDPMScheduler.from_config(pipeline.scheduler.config),
+                      _BlockRecorder(family.feature_modules(unet)), train, val, latent_size, resolution, text_length)
+
+
+def prune_step(config: PruneConfig, state: PruneState, step: int) -> dict[str, float]:
+    """One optimisation step of the router; returns the loss terms."""
+    accelerator, router, unet = state.accelerator, state.accelerator.unwrap_model(state.router), state.unet
+    device = accelerator.device
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 131 + accelerator.process_index)
+    size = len(state.train["prompt_index"])
+    index = _batch_index(step, config.batch_size, size, config.seed, accelerator.process_index,
+                         accelerator.num_processes)
+    mean, std = state.train["latent_mean"][index], state.train["latent_std"][index]
+    latents = (mean + std * torch.randn(mean.shape, generator=generator)) * state.pipeline.vae.config.scaling_factor
+    prompt_index = state.train["prompt_index"][index]
+    text = state.train["text_states"][prompt_index].float().to(device)
+    prompt_embeddings = state.train["prompt_embeddings"][prompt_index].to(device)
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, state.scheduler.config.num_train_timesteps, (len(index),), generator=generator)
+    latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
+    noisy = state.scheduler.add_noise(latents, noise, timesteps)
+    target = _diffusion_target(state.scheduler, latents, noise, timesteps)
+
+    arch = router.embed(prompt_embeddings)
+    scores = router.scores(arch)
+    balanced = sinkhorn(scores, config.sinkhorn_epsilon, config.sinkhorn_iterations)
+    assignment = balanced.argmax(dim=1)
+    if step < config.warmup_steps:
+        code_gates = None
+        gates = torch.ones(len(index), state.macs_model.layout.num_elements, device=device)
+    else:
+        # Same seed on every process: a code has one architecture per step across the global batch.
+        code_gates = router.sample_gates(_gate_temperature(config, step),
+                                         torch.Generator().manual_seed(config.seed * 7919 + step))
+        gates = router.mix(scores, assignment, code_gates)
+
+    with torch.no_grad(), state.controller.use(None):
+        teacher = unet(noisy, timesteps, text).sample
+        teacher_blocks = state.recorder.take()
+    with state.controller.use(gates):
+        student = unet(noisy, timesteps, text).sample
+        student_blocks = state.recorder.take()
+
+    weights = _snr_weights(state.scheduler, timesteps, config.min_snr_gamma)
+    per_sample = F.mse_loss(student.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    ddpm = (per_sample * weights).mean() if weights is not None else per_sample.mean()
+    distill = F.mse_loss(student.float(), teacher.float())
+    blocks = sum(F.mse_loss(student_blocks[k].float(), teacher_blocks[k].float()) for k in teacher_blocks)
+    blocks = blocks / max(1, len(teacher_blocks))
+    fraction = state.macs_model.fraction(gates.double()).float()
+    resource = resource_loss(fraction, config.budget)
+    contrastive = contrastive_loss(arch, prompt_embeddings, config.contrastive_temperature)
+    assign = assignment_loss(scores, balanced, config.score_temperature)
+    total = (config.lambda_ddpm * ddpm + config.lambda_distill * distill + config.lambda_blocks * blocks
+             + config.lambda_resource * resource + config.lambda_contrastive * contrastive
+             + config.lambda_assign * assign)
+    accelerator.backward(total)
+    if config.grad_clip:
+        accelerator.clip_grad_norm_(state.router.parameters(), config.grad_clip)
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    logs = {"loss/total": total.item(), "loss/ddpm": ddpm.item(), "loss/distill": distill.item(),
+            "loss/blocks": blocks.item(), "loss/resource": resource.item(), "loss/contrastive": contrastive.item(),
+            "loss/assign": assign.item(), "macs/batch_fraction": fraction.mean().item()}
+    counts = torch.bincount(assignment, minlength=router.num_codes)
+    for k in range(router.num_codes):
+        logs[f"assign/code_{k}"] = counts[k].item() / len(index)
+        if code_gates is not None:
+            logs[f"macs/code_{k}"] = state.macs_model.fraction(code_gates[k].detach().double()).item()
+    return logs
+
+
+@torch.no_grad()
+def summarize_experts(state: PruneState) -> dict:
+    """Deterministic expert architectures, their MACs, and how the validation prompts route."""
+    router = state.accelerator.unwrap_model(state.router)
+    architectures = router.expert_architectures()
+    fractions = [state.macs_model.macs_of(a) / state.macs_model.dense for a in architectures]
+    prompt_embeddings = state.val["prompt_embeddings"][state.val["prompt_index"]].to(state.accelerator.device)
+    routes = router.route(prompt_embeddings).cpu()
+    counts = torch.bincount(routes, minlength=router.num_codes)
+    share = (counts.float() / len(routes)).tolist()
+    mean_fraction = float(torch.tensor(fractions, dtype=torch.float64)[routes].mean())
+    return {"architectures": architectures, "macs_fraction": fractions, "val_share": share,
+            "val_mean_macs_fraction": mean_fraction, "val_prompts": len(routes)}
+
+
+def save_router(state: PruneState, config: PruneConfig, folder: Path) -> dict:
+    """``folder``: the router (``save_pretrained``) and ``experts.json`` (architectures and MACs)."""
+    summary = summarize_experts(state)
+    router = state.accelerator.unwrap_model(state.router)
+    router.save_pretrained(folder)
+    experts = [{"code": k, "macs": summary["macs_fraction"][k] * state.macs_model.dense,
+                "macs_fraction": summary["macs_fraction"][k], "val_share": summary["val_share"][k],
+                "architecture": summary["architectures"][k]} for k in range(router.num_codes)]
+    write_json_atomic(folder / "experts.json", {
+        "budget": config.budget, "resolution": state.resolution, "dense_macs": state.macs_model.dense,
+        "val_mean_macs_fraction": summary["val_mean_macs_fraction"], "val_prompts": summary["val_prompts"],
+        "config": asdict(config), "experts": experts,
+    })
+    return summary
+
+
+def format_summary(summary: dict, state: PruneState, config: PruneConfig) -> str:
+    lines = [f"experts at {state.resolution} px (dense {state.macs_model.dense / 1e9:.3f} GMACs), "
+             f"budget {config.budget:.2f}:",
+             f"  {'expert':<8}{'val prompts':>12}{'MACs fraction':>15}"]
+    for k, (share, fraction) in enumerate(zip(summary["val_share"], summary["macs_fraction"])):
+        lines.append(f"  {k:<8}{share:>11.1%}{fraction:>15.3f}")
+    lines.append(f"  mean MACs fraction over {summary['val_prompts']} validation prompts: "
+                 f"{summary['val_mean_macs_fraction']:.3f}")
+    return "\n".join(lines)
+
+
+def run_prune(config: PruneConfig) -> dict:
+    """Train the router; writes ``OUTPUT/router`` and returns the expert summary."""
+    out = Path(config.output_dir)
+    state = prepare(config)
+    accelerator = state.accelerator
+    accelerator.init_trackers("prune", config={k: v for k, v in asdict(config).items() if v is not None})
+    checkpoint = out / "checkpoint"
+    start = 0
+    if found := find_checkpoint(checkpoint):
+        start = load_checkpoint(found, {"router": accelerator.unwrap_model(state.router)}, state.optimizer)["step"]
+        accelerator.print(f"resuming from step {start}")
+
+    def save(step: int) -> None:
+        if accelerator.is_main_process:
+            save_checkpoint(checkpoint, {"router": accelerator.unwrap_model(state.router)},
+                            {"step": step, "config": asdict(config)}, state.optimizer)
+        accelerator.wait_for_everyone()
+
+    step = start
+    bar = tqdm(total=config.steps, initial=start, desc="prune", unit="step",
+               disable=not accelerator.is_local_main_process)
+    try:
+        while step < config.steps:
+            logs = prune_step(config, state, step)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss/total']:.3f}", macs=f"{logs['macs/batch_fraction']:.2f}")
+            if step % config.log_every == 0:
+                accelerator.log(logs, step=step)
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                save(step)
+    except KeyboardInterrupt:
+        save(step)
+        raise APTPError(f"interrupted at step {step}; checkpoint saved in {checkpoint}, "
+                        "run the same command to resume") from None
+    finally:
+        bar.close()
+        state.controller.remove()
+    summary = save_router(state, config, out / "router") if accelerator.is_main_process else {}
+    accelerator.end_training()
+    if summary:
+        accelerator.print(format_summary(summary, state, config))
+        accelerator.print(f"router written to {out / 'router'}")
+    return summary
