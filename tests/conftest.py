@@ -76,3 +76,42 @@ def unet_inputs(unet, batch: int = 2, seed: int = 1):
     inputs["encoder_hidden_states"] = torch.randn(inputs["encoder_hidden_states"].shape, generator=generator)
     inputs["timestep"] = torch.tensor([10, 700][:batch] + [400] * max(0, batch - 2))
     return inputs
+
+
+def make_sd2_pipeline(folder, seed: int = 0):
+    """A tiny random Stable Diffusion 2-style pipeline (CLIP text encoder and tokenizer, linear
+    projections, v-prediction) saved to ``folder``; nothing is downloaded."""
+    import json
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    # A byte-level alphabet without merges: a real CLIP tokenizer, character by character.
+    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    codes, extra = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            codes.append(256 + extra)
+            extra += 1
+    chars = [chr(c) for c in codes]
+    vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars])}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
+                                                num_hidden_layers=2, num_attention_heads=4,
+                                                max_position_embeddings=16, projection_dim=32))
+    unet = UNet2DConditionModel(**TINY_UNETS["sd2"] | {"cross_attention_dim": 32, "sample_size": 8})
+    vae = AutoencoderKL(block_out_channels=[8, 8, 8, 8], down_block_types=["DownEncoderBlock2D"] * 4,
+                        up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=4, latent_channels=4,
+                        sample_size=64)
+    scheduler = DDIMScheduler(prediction_type="v_prediction", beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipeline.save_pretrained(folder / "pipeline")
+    return folder / "pipeline"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from aptp.teacher.cli import parse_overrides
+from aptp.config import parse_overrides
 from aptp.teacher.train import UNetTrainConfig, _batch_indices, config_from_overrides
 from aptp.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from aptp.utils import APTPError

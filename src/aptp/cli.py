@@ -92,6 +92,33 @@ def cmd_bench_slicing(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# aptp prune
+
+BUILTIN_CONFIGS = {"world": "prune_world.yaml", "sd21": "prune_sd21.yaml"}
+
+
+def resolve_config_path(name: str | None):
+    """A built-in config name (``world``, ``sd21``) or a YAML path."""
+    from importlib import resources
+
+    if name in BUILTIN_CONFIGS:
+        return resources.files("aptp") / "configs" / BUILTIN_CONFIGS[name]
+    return name
+
+
+def cmd_prune(args) -> int:
+    from .config import parse_overrides
+    from .training.prune import load_prune_config, run_prune
+
+    overrides = parse_overrides(args.set)
+    if args.output_dir:
+        overrides["output_dir"] = args.output_dir
+    config = load_prune_config(resolve_config_path(args.config), overrides)
+    run_prune(config)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     slicing.add_argument("--warmup", type=int, default=1)
     slicing.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     slicing.set_defaults(func=cmd_bench_slicing)
+
+    prune = commands.add_parser("prune", help="train the prompt router and K expert codes under a MACs budget")
+    prune.add_argument("--config", default="world",
+                       help="YAML config, or a built-in one: world (default), sd21")
+    prune.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. budget=0.5")
+    prune.add_argument("--output-dir", help="output folder (overrides the config's output_dir)")
+    prune.set_defaults(func=cmd_prune)
 
     # Each folder owns its command group.
     add_world_parser(commands)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+import yaml
+
+from .utils import APTPError
+
 DEFAULT_TEXT_LENGTH = 77  # CLIP token length used by Stable Diffusion pipelines
 DEFAULT_VAE_SCALE_FACTOR = 8  # SD VAEs map 8x8 pixels to one latent
 
@@ -37,3 +41,20 @@ class UnitOptions:
         if unknown:
             raise ValueError(f"unknown unit option(s): {sorted(unknown)}")
         return cls(**data)
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """``key=value`` pairs; values are read as YAML scalars or lists (``lr=3e-4``, ``widths=[32,64]``)."""
+    overrides = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise APTPError(f"expected key=value, got {item!r}")
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):
+            try:
+                parsed = float(parsed)  # YAML 1.1 reads "3e-4" (no dot) as a string
+            except ValueError:
+                pass
+        overrides[key.strip().replace("-", "_")] = parsed
+    return overrides

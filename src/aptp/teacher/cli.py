@@ -5,26 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
-
+from ..config import parse_overrides
 from ..utils import APTPError
-
-
-def parse_overrides(items: list[str] | None) -> dict:
-    """``key=value`` pairs; values are read as YAML scalars or lists (``lr=3e-4``, ``widths=[32,64]``)."""
-    overrides = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise APTPError(f"expected key=value, got {item!r}")
-        parsed = yaml.safe_load(value)
-        if isinstance(parsed, str):
-            try:
-                parsed = float(parsed)  # YAML 1.1 reads "3e-4" (no dot) as a string
-            except ValueError:
-                pass
-        overrides[key.strip().replace("-", "_")] = parsed
-    return overrides
 
 
 def run_train(args) -> int:

@@ -1,0 +1,111 @@
+"""The pruning phase: config validation, gradient paths into the router, and end-to-end runs."""
+
+import json
+
+import pytest
+import torch
+from conftest import TEXT_LENGTH, make_sd2_pipeline, make_unet, unet_inputs
+
+from aptp.cli import main
+from aptp.families import unet2d_condition as fam
+from aptp.routing import PromptRouter, resource_loss, sinkhorn
+from aptp.training import prune as prune_module
+from aptp.training.prune import PruneConfig, load_prune_config, run_prune
+from aptp.utils import APTPError
+from aptp.world import export_imagefolder
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"stepz": 3}, "unknown prune config key"),
+    ({"budget": 0.0}, "budget"),
+    ({"budget": 1.5}, "budget"),
+    ({"steps": 10, "warmup_steps": 10}, "warmup_steps"),
+    ({"depth": "some"}, "depth"),
+])
+def test_config_validation(overrides, message):
+    with pytest.raises((APTPError, ValueError), match=message):
+        load_prune_config(None, overrides)
+
+
+def test_config_files(tmp_path, capsys):
+    with pytest.raises(APTPError, match="no such config"):
+        load_prune_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("budget: [oops")
+    with pytest.raises(APTPError, match="not valid YAML"):
+        load_prune_config(tmp_path / "bad.yaml")
+    (tmp_path / "ok.yaml").write_text("budget: 0.5\nnum_codes: 2\n")
+    assert load_prune_config(tmp_path / "ok.yaml", {"steps": 70}).steps == 70
+    assert main(["prune", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "no such config" in capsys.readouterr().err
+    # The built-in configs are valid.
+    from aptp.cli import resolve_config_path
+    for name in ("world", "sd21"):
+        assert isinstance(load_prune_config(resolve_config_path(name)), PruneConfig)
+
+
+@pytest.mark.parametrize("loss_name", ["ddpm", "resource"])
+def test_task_losses_reach_the_router_predictor(loss_name):
+    """With the contrastive and assignment losses off, L_ddpm or L_resource alone trains the predictor."""
+    unet = make_unet("sd1").requires_grad_(False)
+    controller = fam.attach_gates(unet)
+    macs = fam.build_macs_model(unet, text_length=TEXT_LENGTH)
+    torch.manual_seed(0)
+    router = PromptRouter(units=macs.layout.to_dict(), num_codes=2, prompt_dim=12, arch_dim=8, hidden_dim=16,
+                          hyper_hidden_dim=16, gate_offset=0.5)
+    z = torch.randn(2, 12, generator=torch.Generator().manual_seed(1))
+    scores = router.scores(router.embed(z))
+    assignment = sinkhorn(scores).argmax(dim=1)
+    gates = router.mix(scores, assignment, router.sample_gates(1.0, torch.Generator().manual_seed(2)))
+    if loss_name == "ddpm":
+        inputs = unet_inputs(unet)
+        with controller.use(gates):
+            loss = unet(**inputs).sample.square().mean()
+    else:
+        loss = resource_loss(macs.fraction(gates.double()).float(), budget=0.3)
+    loss.backward()
+    assert router.predictor[0].weight.grad.abs().sum() > 0
+    assert router.hypernet[-1].weight.grad.abs().sum() > 0  # the hypernetwork learns from it too
+
+
+def _tiny_run(tmp_path):
+    pipeline = make_sd2_pipeline(tmp_path / "sd2")
+    export_imagefolder(tmp_path / "data", 24, "train", seed=0)
+    return dict(model=str(pipeline), data=str(tmp_path / "data"), train_size=16, val_size=8, steps=4,
+                warmup_steps=1, batch_size=4, num_codes=2, checkpoint_every=2, log_every=1, arch_dim=8,
+                hidden_dim=16, hyper_hidden_dim=16)
+
+
+def test_prune_sd2_style_pipeline_folder_from_the_cli(tmp_path, capsys):
+    settings = _tiny_run(tmp_path)
+    config = tmp_path / "prune.yaml"
+    config.write_text("\n".join(f"{k}: {v}" for k, v in settings.items()))
+    assert main(["prune", "--config", str(config), "--output-dir", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "mean MACs fraction over 8 validation prompts" in printed
+    experts = json.loads((tmp_path / "out" / "router" / "experts.json").read_text())
+    assert len(experts["experts"]) == 2 and experts["resolution"] == 64
+    router = PromptRouter.from_pretrained(tmp_path / "out" / "router")
+    assert router.config.metadata["budget"] == 0.6 and router.num_codes == 2
+    assert list((tmp_path / "out").glob("prune/events.out.tfevents.*")), "TensorBoard logs are written"
+
+
+def test_interrupted_prune_resumes_exactly(tmp_path, monkeypatch):
+    settings = _tiny_run(tmp_path)
+    straight = run_prune(PruneConfig(**settings, output_dir=str(tmp_path / "a")))
+    original = prune_module.prune_step
+
+    def interrupt_at_two(config, state, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return original(config, state, step)
+
+    monkeypatch.setattr(prune_module, "prune_step", interrupt_at_two)
+    with pytest.raises(APTPError, match="interrupted at step 2"):
+        run_prune(PruneConfig(**settings, output_dir=str(tmp_path / "b")))
+    monkeypatch.setattr(prune_module, "prune_step", original)
+    resumed = run_prune(PruneConfig(**settings, output_dir=str(tmp_path / "b")))
+    a = PromptRouter.from_pretrained(tmp_path / "a" / "router")
+    b = PromptRouter.from_pretrained(tmp_path / "b" / "router")
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+    assert straight["macs_fraction"] == resumed["macs_fraction"]
