@@ -91,6 +91,18 @@ def cmd_bench_slicing(args) -> int:
     return 0
 
 
+def cmd_bench_prune_step(args) -> int:
+    import torch
+
+    from .benchmarks.prune_step import format_result, run_prune_step_benchmark
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_prune_step_benchmark(args.model, args.batch, args.repeats, args.warmup)
+    print(format_result(result, torch.get_num_threads()))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # aptp prune
 
@@ -152,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     slicing.add_argument("--warmup", type=int, default=1)
     slicing.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     slicing.set_defaults(func=cmd_bench_slicing)
+    step = benches.add_parser("prune-step", help="pruning-phase step time vs a dense fine-tuning step")
+    step.add_argument("--model", default="world", help="'world' or a Stable Diffusion pipeline folder")
+    step.add_argument("--batch", type=_positive_int, default=32)
+    step.add_argument("--repeats", type=_positive_int, default=10)
+    step.add_argument("--warmup", type=int, default=2)
+    step.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    step.set_defaults(func=cmd_bench_prune_step)
 
     prune = commands.add_parser("prune", help="train the prompt router and K expert codes under a MACs budget")
     prune.add_argument("--config", default="world",

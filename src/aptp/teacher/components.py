@@ -136,9 +136,14 @@ def load_teacher(folder: str | os.PathLike | None = None, device: str | torch.de
     if not (folder / "model_index.json").is_file():
         raise APTPError(f"no teacher at {folder} (expected model_index.json); train one with `aptp teacher train`")
     text_encoder, tokenizer = load_text_encoder()
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        folder, text_encoder=text_encoder, tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False, dtype=dtype,
-    )
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # it notes that a BERT text encoder is not the usual CLIP one
+    try:
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            folder, text_encoder=text_encoder, tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, dtype=dtype,
+        )
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)

@@ -1,0 +1,68 @@
+"""Step time of the pruning phase against a plain fine-tuning step of the dense UNet.
+
+``aptp bench prune-step``: both steps on the same pipeline, batch and cached data; the pruning step
+runs the frozen UNet twice (open-gate teacher without gradients, gated student with gradients into
+the router), the fine-tuning step trains every UNet weight with AdamW. Rounds alternate the two;
+the ratio is the median over rounds.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..training.prune import PruneConfig, _batch_index, prepare, prune_step
+
+
+def run_prune_step_benchmark(model: str = "world", batch_size: int = 32, repeats: int = 10, warmup: int = 2,
+                             seed: int = 0) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        config = PruneConfig(model=model, train_size=batch_size * 4, val_size=8, steps=10**6, warmup_steps=0,
+                             batch_size=batch_size, output_dir=folder, seed=seed)
+        state = prepare(config)
+        dense = copy.deepcopy(state.unet).train().requires_grad_(True)
+        state.controller.set(None)
+        optimizer = torch.optim.AdamW(dense.parameters(), lr=1e-5)
+        cache = state.train
+        scaling = state.pipeline.vae.config.scaling_factor
+
+        def finetune_step(step: int) -> None:
+            index = _batch_index(step, batch_size, len(cache["prompt_index"]), seed, 0, 1)
+            latents = cache["latent_mean"][index] * scaling
+            text = cache["text_states"][cache["prompt_index"][index]].float()
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, state.scheduler.config.num_train_timesteps, (len(index),))
+            noisy = state.scheduler.add_noise(latents, noise, timesteps)
+            loss = F.mse_loss(dense(noisy, timesteps, text).sample, noise)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        timings = {"finetune": [], "prune": []}
+        for step in tqdm(range(warmup + repeats), desc="timing steps", unit="round"):
+            for name, fn in (("finetune", finetune_step), ("prune", lambda s: prune_step(config, state, s))):
+                start = time.perf_counter()
+                fn(step)
+                if step >= warmup:
+                    timings[name].append(time.perf_counter() - start)
+        state.controller.remove()
+    ratios = [p / f for p, f in zip(timings["prune"], timings["finetune"])]
+    return {"finetune_s": statistics.median(timings["finetune"]), "prune_s": statistics.median(timings["prune"]),
+            "ratio": statistics.median(ratios), "batch_size": batch_size, "repeats": repeats, "model": model}
+
+
+def format_result(result: dict, threads: int) -> str:
+    verdict = "met" if result["ratio"] <= 1.6 else "MISSED"
+    return "\n".join([
+        f"aptp bench prune-step --model {result['model']}: batch {result['batch_size']}, "
+        f"{threads} torch threads, median of {result['repeats']} rounds",
+        f"  fine-tuning step of the dense UNet   {result['finetune_s'] * 1e3:8.1f} ms",
+        f"  pruning-phase step                   {result['prune_s'] * 1e3:8.1f} ms",
+        f"  ratio                                {result['ratio']:8.2f}   (target <= 1.6: {verdict})",
+    ])
