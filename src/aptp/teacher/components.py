@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -46,6 +47,17 @@ SCHEDULER_CONFIG = {
     "set_alpha_to_one": False,
     "steps_offset": 1,
 }
+
+
+@contextmanager
+def diffusers_errors_only():
+    """Silence diffusers' informational warnings for a block."""
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
 
 
 def minilm_path() -> Path:
@@ -105,13 +117,9 @@ def save_teacher(pipeline: StableDiffusionPipeline, folder: str | os.PathLike, d
     for name in ("vae", "unet"):
         module = getattr(pipeline, name)
         original = module.dtype
-        verbosity = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()  # the dtype-cast notice does not apply to these models
-        try:
+        with diffusers_errors_only():  # the dtype-cast notice does not apply to these models
             module.to(dtype).save_pretrained(folder / name)
-        finally:
-            module.to(original)
-            diffusers_logging.set_verbosity(verbosity)
+        module.to(original)
     pipeline.scheduler.save_pretrained(folder / "scheduler")
     index = {
         "_class_name": "StableDiffusionPipeline",
@@ -136,14 +144,10 @@ def load_teacher(folder: str | os.PathLike | None = None, device: str | torch.de
     if not (folder / "model_index.json").is_file():
         raise APTPError(f"no teacher at {folder} (expected model_index.json); train one with `aptp teacher train`")
     text_encoder, tokenizer = load_text_encoder()
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # it notes that a BERT text encoder is not the usual CLIP one
-    try:
+    with diffusers_errors_only():  # it notes that a BERT text encoder is not the usual CLIP one
         pipeline = StableDiffusionPipeline.from_pretrained(
             folder, text_encoder=text_encoder, tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False, dtype=dtype,
         )
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
