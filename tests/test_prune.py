@@ -72,7 +72,7 @@ def _tiny_run(tmp_path):
     export_imagefolder(tmp_path / "data", 24, "train", seed=0)
     return dict(model=str(pipeline), data=str(tmp_path / "data"), train_size=16, val_size=8, steps=4,
                 warmup_steps=1, batch_size=4, num_codes=2, checkpoint_every=2, log_every=1, arch_dim=8,
-                hidden_dim=16, hyper_hidden_dim=16)
+                hidden_dim=16, hyper_hidden_dim=16, validate_every=4, validation_steps=2)
 
 
 def test_prune_sd2_style_pipeline_folder_from_the_cli(tmp_path, capsys):
@@ -87,6 +87,7 @@ def test_prune_sd2_style_pipeline_folder_from_the_cli(tmp_path, capsys):
     router = PromptRouter.from_pretrained(tmp_path / "out" / "router")
     assert router.config.metadata["budget"] == 0.6 and router.num_codes == 2
     assert list((tmp_path / "out").glob("prune/events.out.tfevents.*")), "TensorBoard logs are written"
+    assert (tmp_path / "out" / "validation" / "step-000004.png").is_file()
 
 
 def test_interrupted_prune_resumes_exactly(tmp_path, monkeypatch):

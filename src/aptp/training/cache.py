@@ -6,6 +6,7 @@ Training steps then only index tensors; no image decoding, VAE or text encoder o
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -14,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..data import collate
+from ..utils import APTPError, write_json_atomic
 
 EMPTY_PROMPT_INDEX = 0  # the empty prompt (classifier-free guidance) is always entry 0
 
@@ -23,16 +25,19 @@ def encode_dataset(dataset, vae, encode_text: Callable[[list[str]], torch.Tensor
                    encode_sentences: Callable[[list[str]], torch.Tensor] | None = None,
                    batch_size: int = 64) -> dict[str, torch.Tensor]:
     """Tensors: ``latent_mean``/``latent_std`` (N, C, h, w), ``prompt_index`` (N,), ``dataset_index``
-    (N,), ``text_states`` (P, L, D) fp16 and, with ``encode_sentences``, ``prompt_embeddings`` (P, E).
+    (N,), ``text_states`` (P, L, D) fp16 and, with ``encode_sentences``, ``prompt_embeddings`` (P, E);
+    lists (kept in a JSON file beside the tensors): ``prompts`` (P) and ``categories`` (N).
     Unreadable images are dropped (``skipped`` holds their count). A cache of the same length is reused.
     """
     cache_file = Path(cache_file)
-    if cache_file.is_file():
+    text_file = cache_file.with_suffix(".json")
+    if cache_file.is_file() and text_file.is_file():
         cache = load_file(cache_file)
         if int(cache["requested"]) == len(dataset):
-            return cache
+            return {**cache, **json.loads(text_file.read_text())}
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=0)
     means, stds, prompt_index, dataset_index, prompts, skipped = [], [], [], [], {"": EMPTY_PROMPT_INDEX}, 0
+    categories = []
     for batch in tqdm(loader, desc="encoding dataset", unit="batch"):
         skipped += batch["skipped"]
         if batch["pixel_values"] is None:
@@ -41,10 +46,9 @@ def encode_dataset(dataset, vae, encode_text: Callable[[list[str]], torch.Tensor
         means.append(posterior.mean.float().cpu())
         stds.append(posterior.std.float().cpu())
         prompt_index += [prompts.setdefault(p, len(prompts)) for p in batch["prompt"]]
+        categories += batch["category"]
         dataset_index.append(batch["index"])
     if not means:
-        from ..utils import APTPError
-
         raise APTPError("no readable images in the dataset")
     ordered = list(prompts)
     chunks = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
@@ -59,8 +63,9 @@ def encode_dataset(dataset, vae, encode_text: Callable[[list[str]], torch.Tensor
     }
     if encode_sentences is not None:
         cache["prompt_embeddings"] = torch.cat([encode_sentences(c).float().cpu() for c in chunks]).contiguous()
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    texts = {"prompts": ordered, "categories": categories}
+    write_json_atomic(text_file, texts)
     temporary = cache_file.with_name(cache_file.name + ".tmp")
     save_file(cache, temporary)
     temporary.replace(cache_file)
-    return cache
+    return {**cache, **texts}

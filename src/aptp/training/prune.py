@@ -79,6 +79,8 @@ class PruneConfig:
     seed: int = 0
     checkpoint_every: int = 50
     log_every: int = 10
+    validate_every: int = 100  # sample one validation prompt per code with its expert's gates (0: never)
+    validation_steps: int = 10  # denoising steps of those samples
     mixed_precision: str = "no"
 
     def __post_init__(self):
@@ -318,7 +320,7 @@ def prune_step(config: PruneConfig, state: PruneState, step: int) -> dict[str, f
     state.optimizer.zero_grad(set_to_none=True)
     logs = {"loss/total": total.item(), "loss/ddpm": ddpm.item(), "loss/distill": distill.item(),
             "loss/blocks": blocks.item(), "loss/resource": resource.item(), "loss/contrastive": contrastive.item(),
-            "loss/assign": assign.item(), "macs/batch_fraction": fraction.mean().item()}
+            "loss/assign": assign.item(), "macs/batch_fraction": fraction.mean().item(), "macs/budget": config.budget}
     counts = torch.bincount(assignment, minlength=router.num_codes)
     for k in range(router.num_codes):
         logs[f"assign/code_{k}"] = counts[k].item() / len(index)
@@ -340,6 +342,29 @@ def summarize_experts(state: PruneState) -> dict:
     mean_fraction = float(torch.tensor(fractions, dtype=torch.float64)[routes].mean())
     return {"architectures": architectures, "macs_fraction": fractions, "val_share": share,
             "val_mean_macs_fraction": mean_fraction, "val_prompts": len(routes)}
+
+
+@torch.no_grad()
+def validation_grid(state: PruneState, config: PruneConfig, path: Path) -> None:
+    """One validation prompt per code, sampled through the gated UNet with that code's expert."""
+    from ..imaging import comparison_grid, save_image_atomic, to_pil
+
+    router = state.accelerator.unwrap_model(state.router)
+    val_prompts = state.val["prompt_index"]
+    routes = router.route(state.val["prompt_embeddings"][val_prompts].to(state.accelerator.device)).cpu()
+    prompts = state.val["prompts"]
+    labels, images = [], []
+    for k, architecture in enumerate(router.expert_architectures()):
+        members = torch.nonzero(routes == k).flatten()
+        prompt = prompts[int(val_prompts[members[0]])] if len(members) else prompts[int(val_prompts[0])]
+        gates = state.macs_model.layout.gates_from_architecture(architecture).to(state.accelerator.device)
+        with state.controller.use(gates):
+            image = state.pipeline(prompt, num_inference_steps=config.validation_steps,
+                                   generator=torch.Generator().manual_seed(config.seed), output_type="pt").images
+        labels.append(f"expert {k} ({state.macs_model.macs_of(architecture) / state.macs_model.dense:.2f} MACs, "
+                      f"{len(members)} val prompts): {prompt}")
+        images.append(to_pil(image)[0])
+    save_image_atomic(comparison_grid(labels, {"sample": images}), path)
 
 
 def save_router(state: PruneState, config: PruneConfig, folder: Path) -> dict:
@@ -400,6 +425,8 @@ def run_prune(config: PruneConfig) -> dict:
                 accelerator.log(logs, step=step)
             if step % config.checkpoint_every == 0 or step == config.steps:
                 save(step)
+            if config.validate_every and step % config.validate_every == 0 and accelerator.is_main_process:
+                validation_grid(state, config, out / "validation" / f"step-{step:06d}.png")
     except KeyboardInterrupt:
         save(step)
         raise APTPError(f"interrupted at step {step}; checkpoint saved in {checkpoint}, "
