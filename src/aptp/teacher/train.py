@@ -50,7 +50,7 @@ class VAETrainConfig:
 
 @dataclass
 class UNetTrainConfig:
-    steps: int = 2500
+    steps: int = 2000
     batch_size: int = 64
     lr: float = 8e-4
     warmup: int = 100
