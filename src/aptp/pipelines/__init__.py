@@ -1,0 +1,5 @@
+"""Serving pipelines."""
+
+from .aptp import APTPPipeline, APTPPipelineOutput
+
+__all__ = ["APTPPipeline", "APTPPipelineOutput"]

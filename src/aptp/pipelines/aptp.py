@@ -1,0 +1,99 @@
+"""``APTPPipeline``: route each prompt to its expert, denoise every expert's prompts as one batch.
+
+Components: the base pipeline's VAE, text encoder, tokenizer and scheduler, the ``PromptRouter``
+and the ``APTPExpertBank``. The prompt encoder (a sentence-transformer) is named in the router's
+config and loaded on first use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from ..experts import APTPExpertBank
+from ..imaging import to_pil
+from ..routing import PromptRouter
+from ..routing.encoder import PromptEncoder
+from ..utils import APTPError
+
+
+@dataclass
+class APTPPipelineOutput(BaseOutput):
+    """Images in the caller's order, with the expert and MACs each prompt used."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    experts: list[int]
+    macs: list[float]
+    macs_fraction: list[float]
+
+
+class APTPPipeline(DiffusionPipeline):
+    def __init__(self, vae, text_encoder, tokenizer, scheduler, router: PromptRouter, experts: APTPExpertBank):
+        super().__init__()
+        if len(experts) != router.num_codes:
+            raise APTPError(f"the router has {router.num_codes} codes but the bank holds {len(experts)} experts")
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                              router=router, experts=experts)
+        self._prompt_encoder = None
+
+    @property
+    def prompt_encoder(self) -> PromptEncoder:
+        if self._prompt_encoder is None:
+            self._prompt_encoder = PromptEncoder(self.router.config.prompt_encoder, self.device)
+        return self._prompt_encoder
+
+    def route(self, prompts: list[str]) -> list[int]:
+        """Expert of every prompt: deterministic, independent of the other prompts in the call."""
+        embeddings = self.prompt_encoder.encode(prompts).to(self.device)
+        return self.router.route(embeddings).tolist()
+
+    def expert_pipeline(self, index: int) -> StableDiffusionPipeline:
+        """A Stable Diffusion pipeline over expert ``index`` sharing this pipeline's components."""
+        pipeline = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.experts[index],
+            scheduler=type(self.scheduler).from_config(self.scheduler.config), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+                 num_inference_steps: int = 25, guidance_scale: float = 4.0,
+                 generator: torch.Generator | list[torch.Generator] | None = None, height: int | None = None,
+                 width: int | None = None, output_type: str = "pil") -> APTPPipelineOutput:
+        """Generate one image per prompt. Pass one generator per prompt for results that do not depend
+        on which other prompts share the call."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise APTPError("every prompt must be a non-empty string")
+        negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt] * len(prompts)
+        generators = generator if isinstance(generator, list) else [generator] * len(prompts)
+        if len(negatives) != len(prompts) or len(generators) != len(prompts):
+            raise APTPError("negative_prompt and generator lists must have one entry per prompt")
+        routes = self.route(prompts)
+        images: list[torch.Tensor | None] = [None] * len(prompts)
+        for expert in sorted(set(routes)):
+            members = [i for i, r in enumerate(routes) if r == expert]
+            group_generators = [generators[i] for i in members]
+            result = self.expert_pipeline(expert)(
+                prompt=[prompts[i] for i in members],
+                negative_prompt=None if negative_prompt is None else [negatives[i] or "" for i in members],
+                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                generator=None if group_generators[0] is None else
+                (group_generators if isinstance(generator, list) else group_generators[0]),
+                height=height, width=width, output_type="pt")
+            for i, image in zip(members, result.images):
+                images[i] = image.float().cpu()
+        stacked = torch.stack(images)
+        output = {"pil": lambda: to_pil(stacked), "np": lambda: stacked.permute(0, 2, 3, 1).numpy(),
+                  "pt": lambda: stacked}.get(output_type)
+        if output is None:
+            raise APTPError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        macs = [self.experts.config.expert_macs[r] for r in routes]
+        return APTPPipelineOutput(images=output(), experts=routes, macs=macs,
+                                  macs_fraction=[m / self.experts.config.dense_macs for m in macs])

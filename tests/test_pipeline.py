@@ -1,0 +1,73 @@
+"""APTPPipeline: routing, one batch per expert, order independence, and save/load round trip."""
+
+import pytest
+import torch
+from conftest import make_sd2_pipeline
+
+from aptp.experts import APTPExpertBank
+from aptp.families import unet2d_condition as fam
+from aptp.pipelines import APTPPipeline
+from aptp.routing import PromptRouter
+from aptp.routing.encoder import PromptEncoder
+from aptp.training.base_model import load_base_pipeline
+from aptp.utils import APTPError
+
+PROMPTS = ["a red circle on a white background", 'the word "SUN" in white on a blue background',
+           "three green stars on a black background", "a blue square left of a yellow cross on a gray background",
+           "a purple triangle on a white background", 'the word "HI" in red on a black background']
+
+
+@pytest.fixture(scope="module")
+def aptp_pipeline(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd2")
+    base = load_base_pipeline(str(make_sd2_pipeline(folder)))
+    macs = fam.build_macs_model(base.unet, (8, 8), 16)
+    torch.manual_seed(0)
+    router = PromptRouter(units=macs.layout.to_dict(), num_codes=3, prompt_dim=384, arch_dim=8, hidden_dim=16,
+                          hyper_hidden_dim=16, metadata={"base_model": str(folder), "budget": 0.6})
+    with torch.no_grad():  # three clearly different experts, each the nearest code of one of the prompts
+        router.hypernet[-1].weight.normal_(std=3.0)
+        router.codes.copy_(router.embed(PromptEncoder().encode([PROMPTS[0], PROMPTS[1], PROMPTS[2]])))
+    bank = APTPExpertBank.from_base(base.unet, router.expert_architectures(), macs, resolution=64)
+    return APTPPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                        scheduler=base.scheduler, router=router, experts=bank)
+
+
+def _generate(pipeline, prompts, seeds):
+    return pipeline(prompts, num_inference_steps=2, generator=[torch.Generator().manual_seed(s) for s in seeds],
+                    output_type="pt")
+
+
+def test_experts_differ_and_macs_are_reported(aptp_pipeline):
+    fractions = [aptp_pipeline.experts.macs_fraction(k) for k in range(3)]
+    assert len(set(fractions)) == 3 and all(0 < f < 1 for f in fractions)
+    out = _generate(aptp_pipeline, PROMPTS, range(6))
+    assert out.images.shape == (6, 3, 64, 64)
+    assert out.experts == aptp_pipeline.route(PROMPTS)
+    assert len(set(out.experts)) >= 2, "the prompts should exercise more than one expert"
+    assert out.macs_fraction == [fractions[k] for k in out.experts]
+
+
+def test_same_images_together_alone_or_shuffled(aptp_pipeline):
+    together = _generate(aptp_pipeline, PROMPTS, range(6)).images
+    alone = torch.cat([_generate(aptp_pipeline, [p], [i]).images for i, p in enumerate(PROMPTS)])
+    order = [3, 0, 5, 1, 4, 2]
+    shuffled = _generate(aptp_pipeline, [PROMPTS[i] for i in order], order).images
+    torch.testing.assert_close(alone, together, rtol=0, atol=1e-5)
+    torch.testing.assert_close(shuffled, together[order], rtol=0, atol=1e-5)
+
+
+def test_save_load_generates_identical_images(aptp_pipeline, tmp_path):
+    aptp_pipeline.save_pretrained(tmp_path / "aptp")
+    saved = {p.suffix for p in (tmp_path / "aptp").rglob("*") if p.is_file()}
+    assert ".bin" not in saved and ".pkl" not in saved
+    loaded = APTPPipeline.from_pretrained(tmp_path / "aptp")
+    assert loaded.router.config.metadata["budget"] == 0.6
+    assert torch.equal(_generate(loaded, PROMPTS, range(6)).images, _generate(aptp_pipeline, PROMPTS, range(6)).images)
+
+
+def test_bad_calls_are_clear_errors(aptp_pipeline):
+    with pytest.raises(APTPError, match="non-empty"):
+        aptp_pipeline(["a red circle", "  "])
+    with pytest.raises(APTPError, match="one entry per prompt"):
+        aptp_pipeline(["a", "b"], generator=[torch.Generator()])
