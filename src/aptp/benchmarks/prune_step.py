@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..training.prune import PruneConfig, _batch_index, prepare, prune_step
+from ..training.common import batch_index
+from ..training.prune import PruneConfig, prepare, prune_step
 
 
 def run_prune_step_benchmark(model: str = "world", batch_size: int = 32, repeats: int = 10, warmup: int = 2,
@@ -33,7 +34,7 @@ def run_prune_step_benchmark(model: str = "world", batch_size: int = 32, repeats
         scaling = state.pipeline.vae.config.scaling_factor
 
         def finetune_step(step: int) -> None:
-            index = _batch_index(step, batch_size, len(cache["prompt_index"]), seed, 0, 1)
+            index = batch_index(step, batch_size, len(cache["prompt_index"]), seed, 0, 1)
             latents = cache["latent_mean"][index] * scaling
             text = cache["text_states"][cache["prompt_index"][index]].float()
             noise = torch.randn_like(latents)

@@ -10,7 +10,7 @@ import torch
 from ..teacher.components import TEACHER_DIR, load_teacher
 from ..utils import APTPError
 
-WORLD = "world"
+WORLD = "world"  # the shipped world teacher (also the name of the world data source)
 
 
 def load_base_pipeline(source: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

@@ -26,14 +26,14 @@ from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
 from ..config import UnitOptions
-from ..data import CaptionedImages, WorldImages, load_cc3m, load_coco, load_imagefolder
 from ..families import family_of
 from ..routing import PromptRouter, assignment_loss, contrastive_loss, resource_loss, sinkhorn
 from ..routing.encoder import DEFAULT_PROMPT_ENCODER, PromptEncoder
 from ..utils import APTPError, write_json_atomic
-from .base_model import WORLD, load_base_pipeline
+from .base_model import load_base_pipeline
 from .cache import encode_dataset
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .common import WORLD, BlockRecorder, batch_index, diffusion_target, make_datasets, snr_weights
 
 
 @dataclass
@@ -117,79 +117,10 @@ def load_prune_config(path: str | Path | None, overrides: dict | None = None) ->
     return PruneConfig.from_dict({**data, **(overrides or {})})
 
 
-def _datasets(config: PruneConfig, resolution: int):
-    """Train and validation datasets for the configured data source."""
-    if config.data == WORLD:
-        return WorldImages(config.train_size, "train", config.seed), WorldImages(config.val_size, "val", config.seed)
-    kind, _, rest = config.data.partition(":")
-    if kind == "coco" and rest:
-        root, _, split = rest.partition(":")
-        report = load_coco(root, split or "train2014")
-    elif kind == "cc3m" and rest.count(":") >= 1:
-        tsv, _, images = rest.partition(":")
-        report = load_cc3m(tsv, images)
-    else:
-        report = load_imagefolder(config.data)
-    print(f"data: {report.summary()}")
-    records = report.records
-    if len(records) < 2:
-        raise APTPError(f"{config.data}: need at least two captioned images, found {len(records)}")
-    train = records[:config.train_size]
-    val = records[config.train_size:config.train_size + config.val_size] or train[-config.val_size:]
-    return CaptionedImages(train, resolution), CaptionedImages(val, resolution)
-
-
-def _batch_index(step: int, batch: int, size: int, seed: int, rank: int, world: int) -> torch.Tensor:
-    """This process's share of global batch ``step``; a new permutation of the data every epoch."""
-    positions = torch.arange(step * batch * world, (step + 1) * batch * world)[rank::world]
-    epochs = positions.div(size, rounding_mode="floor")
-    index = torch.empty_like(positions)
-    for epoch in epochs.unique().tolist():
-        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        index[epochs == epoch] = order[positions[epochs == epoch] % size]
-    return index
-
-
 def _gate_temperature(config: PruneConfig, step: int) -> float:
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
     progress = min(1.0, max(0.0, progress))
     return config.gate_temperature_start * (config.gate_temperature_end / config.gate_temperature_start) ** progress
-
-
-def _diffusion_target(scheduler, latents, noise, timesteps):
-    if scheduler.config.prediction_type == "epsilon":
-        return noise
-    if scheduler.config.prediction_type == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise APTPError(f"prediction type {scheduler.config.prediction_type!r} is not supported")
-
-
-def _snr_weights(scheduler, timesteps, gamma: float | None) -> torch.Tensor | None:
-    """Min-SNR-gamma weights (Hang et al. 2023) for the diffusion loss, or None."""
-    if gamma is None:
-        return None
-    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
-    snr = alphas / (1 - alphas)
-    weight = torch.clamp(snr, max=gamma) / snr
-    return weight + 1 if scheduler.config.prediction_type == "v_prediction" else weight
-
-
-class _BlockRecorder:
-    """Forward hooks keeping the outputs of the distilled blocks of the last forward."""
-
-    def __init__(self, modules: dict):
-        self.outputs: dict[str, torch.Tensor] = {}
-        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
-
-    def _hook(self, name):
-        def hook(module, args, output):
-            self.outputs[name] = output[0] if isinstance(output, tuple) else output
-
-        return hook
-
-    def take(self) -> dict[str, torch.Tensor]:
-        outputs, self.outputs = self.outputs, {}
-        return outputs
 
 
 @dataclass
@@ -204,7 +135,7 @@ class PruneState:
     router: PromptRouter
     optimizer: torch.optim.Optimizer
     scheduler: DDPMScheduler
-    recorder: _BlockRecorder
+    recorder: BlockRecorder
     train: dict
     val: dict
     latent_size: tuple[int, int]
@@ -234,7 +165,7 @@ def prepare(config: PruneConfig) -> PruneState:
 
     encoder = PromptEncoder(config.prompt_encoder, accelerator.device)
     out = Path(config.output_dir)
-    train_set, val_set = _datasets(config, resolution)
+    train_set, val_set = make_datasets(config.data, config.train_size, config.val_size, resolution, config.seed)
 
     def text_states(prompts):
         return pipeline.encode_prompt(prompts, accelerator.device, 1, False)[0]
@@ -258,7 +189,7 @@ def prepare(config: PruneConfig) -> PruneState:
     router, optimizer = accelerator.prepare(router, optimizer)
     return PruneState(accelerator, pipeline, unet, controller, macs_model, router, optimizer,
                       DDPMScheduler.from_config(pipeline.scheduler.config),
-                      _BlockRecorder(family.feature_modules(unet)), train, val, latent_size, resolution, text_length)
+                      BlockRecorder(family.feature_modules(unet)), train, val, latent_size, resolution, text_length)
 
 
 def prune_step(config: PruneConfig, state: PruneState, step: int) -> dict[str, float]:
@@ -267,7 +198,7 @@ def prune_step(config: PruneConfig, state: PruneState, step: int) -> dict[str, f
     device = accelerator.device
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 131 + accelerator.process_index)
     size = len(state.train["prompt_index"])
-    index = _batch_index(step, config.batch_size, size, config.seed, accelerator.process_index,
+    index = batch_index(step, config.batch_size, size, config.seed, accelerator.process_index,
                          accelerator.num_processes)
     mean, std = state.train["latent_mean"][index], state.train["latent_std"][index]
     latents = (mean + std * torch.randn(mean.shape, generator=generator)) * state.pipeline.vae.config.scaling_factor
@@ -278,7 +209,7 @@ def prune_step(config: PruneConfig, state: PruneState, step: int) -> dict[str, f
     timesteps = torch.randint(0, state.scheduler.config.num_train_timesteps, (len(index),), generator=generator)
     latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
     noisy = state.scheduler.add_noise(latents, noise, timesteps)
-    target = _diffusion_target(state.scheduler, latents, noise, timesteps)
+    target = diffusion_target(state.scheduler, latents, noise, timesteps)
 
     arch = router.embed(prompt_embeddings)
     scores = router.scores(arch)
@@ -300,7 +231,7 @@ def prune_step(config: PruneConfig, state: PruneState, step: int) -> dict[str, f
         student = unet(noisy, timesteps, text).sample
         student_blocks = state.recorder.take()
 
-    weights = _snr_weights(state.scheduler, timesteps, config.min_snr_gamma)
+    weights = snr_weights(state.scheduler, timesteps, config.min_snr_gamma)
     per_sample = F.mse_loss(student.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     ddpm = (per_sample * weights).mean() if weights is not None else per_sample.mean()
     distill = F.mse_loss(student.float(), teacher.float())

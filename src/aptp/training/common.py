@@ -1,0 +1,80 @@
+"""Pieces shared by the training loops: batches over a cached dataset, diffusion targets, block
+feature recording and data sources."""
+
+from __future__ import annotations
+
+import torch
+
+from ..data import CaptionedImages, WorldImages, load_cc3m, load_coco, load_imagefolder
+from ..utils import APTPError
+from .base_model import WORLD
+
+
+def make_datasets(data: str, train_size: int, val_size: int, resolution: int, seed: int = 0):
+    """Train and validation datasets of a data source: ``world``, an imagefolder, ``coco:ROOT[:SPLIT]``
+    or ``cc3m:TSV:IMAGE_FOLDER``. Validation takes the world's val split, or the records after the train ones."""
+    if data == WORLD:
+        return WorldImages(train_size, "train", seed), WorldImages(val_size, "val", seed)
+    kind, _, rest = data.partition(":")
+    if kind == "coco" and rest:
+        root, _, split = rest.partition(":")
+        report = load_coco(root, split or "train2014")
+    elif kind == "cc3m" and rest.count(":") >= 1:
+        tsv, _, images = rest.partition(":")
+        report = load_cc3m(tsv, images)
+    else:
+        report = load_imagefolder(data)
+    print(f"data: {report.summary()}")
+    records = report.records
+    if len(records) < 2:
+        raise APTPError(f"{data}: need at least two captioned images, found {len(records)}")
+    train = records[:train_size]
+    val = records[train_size:train_size + val_size] or train[-val_size:]
+    return CaptionedImages(train, resolution), CaptionedImages(val, resolution)
+
+
+def batch_index(step: int, batch: int, size: int, seed: int, rank: int, world: int) -> torch.Tensor:
+    """This process's share of global batch ``step``; a new permutation of the data every epoch."""
+    positions = torch.arange(step * batch * world, (step + 1) * batch * world)[rank::world]
+    epochs = positions.div(size, rounding_mode="floor")
+    index = torch.empty_like(positions)
+    for epoch in epochs.unique().tolist():
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        index[epochs == epoch] = order[positions[epochs == epoch] % size]
+    return index
+
+
+def diffusion_target(scheduler, latents, noise, timesteps):
+    if scheduler.config.prediction_type == "epsilon":
+        return noise
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise APTPError(f"prediction type {scheduler.config.prediction_type!r} is not supported")
+
+
+def snr_weights(scheduler, timesteps, gamma: float | None) -> torch.Tensor | None:
+    """Min-SNR-gamma weights (Hang et al. 2023) for the diffusion loss, or None."""
+    if gamma is None:
+        return None
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas / (1 - alphas)
+    weight = torch.clamp(snr, max=gamma) / snr
+    return weight + 1 if scheduler.config.prediction_type == "v_prediction" else weight
+
+
+class BlockRecorder:
+    """Forward hooks keeping the outputs of the distilled blocks of the last forward."""
+
+    def __init__(self, modules: dict):
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name):
+        def hook(module, args, output):
+            self.outputs[name] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def take(self) -> dict[str, torch.Tensor]:
+        outputs, self.outputs = self.outputs, {}
+        return outputs
