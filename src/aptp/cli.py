@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from .teacher.cli import add_teacher_parser
 from .utils import APTPError
@@ -131,6 +132,99 @@ def cmd_prune(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# aptp assign / finetune / export / generate
+
+
+def cmd_assign(args) -> int:
+    from .training.assign import format_assign_summary, run_assign
+
+    summary = run_assign(args.router, args.out, args.data, args.size)
+    print(format_assign_summary(summary))
+    print(f"shards and summary written to {args.out}")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from .config import parse_overrides
+    from .training.assign import load_router, shard_file
+    from .training.finetune import FinetuneConfig, run_finetune
+
+    config = FinetuneConfig.from_dict(parse_overrides(args.set))
+    if args.all == (args.expert is not None):
+        raise APTPError("give either --expert K or --all")
+    experts = range(load_router(args.router)[0].num_codes) if args.all else [args.expert]
+    for expert in experts:
+        shard = shard_file(args.assign, expert)
+        if args.all and shard.is_file() and not json.loads(shard.read_text())["rows"]:
+            print(f"expert {expert}: no prompts were routed to it; left as sliced")
+            continue
+        print(f"expert {expert} written to {run_finetune(args.router, args.assign, expert, args.out, config)}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .pipelines.build import build_pipeline
+
+    pipeline = build_pipeline(args.router, args.experts)
+    pipeline.save_pretrained(args.out)
+    print(f"APTPPipeline with {len(pipeline.experts)} experts written to {args.out}")
+    return 0
+
+
+def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
+    """Prompts from the command line and/or a file (one per line; blank lines are errors)."""
+    collected = list(prompts or [])
+    if prompts_file:
+        try:
+            lines = open(prompts_file, encoding="utf-8").read().splitlines()
+        except OSError as error:
+            raise APTPError(f"cannot read {prompts_file}: {error.strerror}") from None
+        collected += [line for line in lines if line.strip()]
+    if not collected:
+        raise APTPError("no prompts given (pass them as arguments or with --prompts-file)")
+    empty = [i for i, p in enumerate(collected) if not p.strip()]
+    if empty:
+        raise APTPError(f"empty prompt(s) at position(s) {empty}")
+    return collected
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .imaging import save_image_atomic
+    from .pipelines import APTPPipeline
+    from .utils import write_json_atomic
+
+    prompts = read_prompts(args.prompts, args.prompts_file)
+    pipeline = APTPPipeline.from_pretrained(args.pipeline)
+    pipeline.set_progress_bar_config(disable=True)
+    limit = pipeline.tokenizer.model_max_length
+    records = []
+    out = Path(args.out)
+    for start in tqdm(range(0, len(prompts), args.batch_size), desc="generating", unit="batch"):
+        batch = prompts[start:start + args.batch_size]
+        seeds = [args.seed + start + i for i in range(len(batch))]
+        result = pipeline(batch, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                          generator=[torch.Generator().manual_seed(s) for s in seeds])
+        for i, (prompt, image) in enumerate(zip(batch, result.images)):
+            tokens = len(pipeline.tokenizer(prompt).input_ids)
+            file_name = f"{start + i:05d}.png"
+            save_image_atomic(image, out / file_name)
+            records.append({"file_name": file_name, "prompt": prompt, "seed": seeds[i], "expert": result.experts[i],
+                            "macs": result.macs[i], "macs_fraction": result.macs_fraction[i],
+                            "truncated": tokens > limit})
+    truncated = sum(r["truncated"] for r in records)
+    write_json_atomic(out / "routing.json", {"pipeline": str(args.pipeline), "steps": args.steps,
+                                              "guidance_scale": args.guidance_scale, "images": records})
+    if truncated:
+        print(f"warning: {truncated} prompt(s) exceed the text encoder's {limit} tokens and were truncated "
+              "(see 'truncated' in routing.json)", file=sys.stderr)
+    print(f"{len(records)} image(s) and routing.json written to {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +272,39 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. budget=0.5")
     prune.add_argument("--output-dir", help="output folder (overrides the config's output_dir)")
     prune.set_defaults(func=cmd_prune)
+
+    assign = commands.add_parser("assign", help="route every prompt of a dataset; write per-expert shards")
+    assign.add_argument("--router", required=True, help="router folder written by `aptp prune`")
+    assign.add_argument("--out", required=True)
+    assign.add_argument("--data", help="data source (default: the router's training data)")
+    assign.add_argument("--size", type=_positive_int, help="number of captioned images (default: the router's)")
+    assign.set_defaults(func=cmd_assign)
+
+    finetune = commands.add_parser("finetune", help="fine-tune sliced experts on their own prompts")
+    finetune.add_argument("--router", required=True)
+    finetune.add_argument("--assign", required=True, help="folder written by `aptp assign`")
+    finetune.add_argument("--out", required=True)
+    finetune.add_argument("--expert", type=int, help="expert index (an independent job per expert)")
+    finetune.add_argument("--all", action="store_true", help="fine-tune every expert, one after another")
+    finetune.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override options, e.g. steps=200")
+    finetune.set_defaults(func=cmd_finetune)
+
+    export = commands.add_parser("export", help="assemble a servable APTPPipeline folder")
+    export.add_argument("--router", required=True)
+    export.add_argument("--experts", help="folder of fine-tuned experts (default: experts sliced as they are)")
+    export.add_argument("--out", required=True)
+    export.set_defaults(func=cmd_export)
+
+    generate = commands.add_parser("generate", help="generate images with an APTPPipeline")
+    generate.add_argument("prompts", nargs="*")
+    generate.add_argument("--pipeline", required=True, help="folder written by `aptp export`")
+    generate.add_argument("--prompts-file", help="a text file with one prompt per line")
+    generate.add_argument("--out", required=True)
+    generate.add_argument("--steps", type=_positive_int, default=25)
+    generate.add_argument("--guidance-scale", type=float, default=4.0)
+    generate.add_argument("--seed", type=int, default=0, help="prompt i uses seed SEED + i")
+    generate.add_argument("--batch-size", type=_positive_int, default=32)
+    generate.set_defaults(func=cmd_generate)
 
     # Each folder owns its command group.
     add_world_parser(commands)

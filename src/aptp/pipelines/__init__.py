@@ -1,4 +1,4 @@
-"""Serving pipelines."""
+"""Serving pipelines: ``APTPPipeline`` and how one is assembled from a router and its experts."""
 
 from .aptp import APTPPipeline, APTPPipelineOutput
 

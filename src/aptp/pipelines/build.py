@@ -1,0 +1,39 @@
+"""Assemble a servable ``APTPPipeline`` from a trained router and (fine-tuned) experts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import UnitOptions
+from ..experts import APTPExpertBank
+from ..families import family_of
+from ..training.assign import load_router
+from ..training.base_model import load_base_pipeline
+from ..training.finetune import expert_folder
+from ..utils import APTPError
+from .aptp import APTPPipeline
+
+
+def build_pipeline(router_dir: str | Path, experts_dir: str | Path | None = None) -> APTPPipeline:
+    """Router + experts + the base pipeline's VAE, text encoder, tokenizer and scheduler.
+
+    Experts fine-tuned into ``experts_dir/expert-K`` are used where present; the others are sliced
+    from the base UNet as they are.
+    """
+    router, experts = load_router(router_dir)
+    metadata = router.config.metadata
+    base = load_base_pipeline(metadata["base_model"])
+    family = family_of(base.unet)
+    architectures = [{k: list(v) for k, v in e["architecture"].items()} for e in experts["experts"]]
+    macs_model = family.build_macs_model(base.unet, tuple(metadata["latent_size"]), metadata["text_length"],
+                                         UnitOptions.from_dict(metadata["unit_options"]))
+    bank = APTPExpertBank.from_base(base.unet, architectures, macs_model,
+                                    UnitOptions.from_dict(metadata["unit_options"]), metadata["resolution"])
+    for k in range(len(bank)):
+        folder = expert_folder(experts_dir, k) if experts_dir else None
+        if folder is not None and (folder / "config.json").is_file():
+            bank.experts[k] = family.APTPUNet2DConditionModel.from_pretrained(folder).eval()
+            if bank.experts[k].config.aptp_widths != bank.config.expert_widths[k]:
+                raise APTPError(f"{folder} does not hold expert {k} of this router (its widths differ)")
+    return APTPPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                        scheduler=base.scheduler, router=router, experts=bank)

@@ -1,0 +1,95 @@
+"""``aptp assign``: route every prompt of a dataset with a trained router and write per-expert shards.
+
+The dataset is encoded once (latents, text states, sentence embeddings) into the output folder;
+``expert-K.json`` lists the rows of that cache routed to expert K, which is what ``aptp finetune``
+trains on. Routing is per prompt (argmax), so a prompt's expert never depends on its batch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ..routing import PromptRouter
+from ..routing.encoder import PromptEncoder
+from ..utils import APTPError, write_json_atomic
+from .base_model import load_base_pipeline
+from .cache import encode_dataset
+from .common import make_datasets
+
+CACHE_FILE = "cache.safetensors"
+SUMMARY_FILE = "summary.json"
+
+
+def load_router(folder: str | Path) -> tuple[PromptRouter, dict]:
+    """A trained router and its ``experts.json`` (architectures and MACs of every expert)."""
+    folder = Path(folder)
+    experts_file = folder / "experts.json"
+    if not experts_file.is_file():
+        raise APTPError(f"{folder} is not a trained router folder (no experts.json); run `aptp prune` first")
+    return PromptRouter.from_pretrained(folder).eval(), json.loads(experts_file.read_text())
+
+
+def shard_file(folder: str | Path, expert: int) -> Path:
+    return Path(folder) / f"expert-{expert}.json"
+
+
+def run_assign(router_dir: str | Path, out: str | Path, data: str | None = None, size: int | None = None,
+               seed: int | None = None) -> dict:
+    """Route a dataset (default: the router's own training data) and write shards + ``summary.json``."""
+    router, experts = load_router(router_dir)
+    trained = experts["config"]
+    data = data or trained["data"]
+    size = size or trained["train_size"]
+    seed = trained["seed"] if seed is None else seed
+    out = Path(out)
+    metadata = router.config.metadata
+    pipeline = load_base_pipeline(metadata["base_model"])
+    dataset, _ = make_datasets(data, size, 1, metadata["resolution"], seed)
+    encoder = PromptEncoder(router.config.prompt_encoder)
+    cache = encode_dataset(dataset, pipeline.vae, lambda p: pipeline.encode_prompt(p, pipeline.device, 1, False)[0],
+                           out / CACHE_FILE, encoder.encode)
+    with torch.no_grad():
+        prompt_routes = router.route(cache["prompt_embeddings"])
+    routes = prompt_routes[cache["prompt_index"]].tolist()
+    fractions = [e["macs_fraction"] for e in experts["experts"]]
+    categories = cache["categories"]
+    summary = {"router": str(router_dir), "data": data, "size": size, "seed": seed, "samples": len(routes),
+               "skipped_images": int(cache["skipped"]), "budget": experts["budget"], "experts": []}
+    for k in range(router.num_codes):
+        rows = [i for i, r in enumerate(routes) if r == k]
+        write_json_atomic(shard_file(out, k), {"expert": k, "rows": rows,
+                                               "prompts": sorted({cache["prompts"][int(cache["prompt_index"][i])]
+                                                                  for i in rows})})
+        summary["experts"].append({"expert": k, "samples": len(rows), "share": len(rows) / len(routes),
+                                   "macs_fraction": fractions[k],
+                                   "categories": dict(Counter(str(categories[i]) for i in rows))})
+    summary["mean_macs_fraction"] = sum(fractions[r] for r in routes) / len(routes)
+    by_category: dict[str, list[float]] = {}
+    for i, r in enumerate(routes):
+        by_category.setdefault(str(categories[i]), []).append(fractions[r])
+    summary["mean_macs_fraction_by_category"] = {c: sum(v) / len(v) for c, v in sorted(by_category.items())}
+    write_json_atomic(out / SUMMARY_FILE, summary)
+    return summary
+
+
+def format_assign_summary(summary: dict) -> str:
+    categories = sorted({c for e in summary["experts"] for c in e["categories"]})
+    show_categories = categories != ["None"]
+    header = f"  {'expert':<8}{'samples':>9}{'share':>8}{'MACs':>7}"
+    if show_categories:
+        header += "".join(f"{c:>9}" for c in categories)
+    lines = [f"{summary['samples']} prompts of {summary['data']} routed "
+             f"(budget {summary['budget']:.2f}, mean MACs fraction {summary['mean_macs_fraction']:.3f}):", header]
+    for e in summary["experts"]:
+        line = f"  {e['expert']:<8}{e['samples']:>9}{e['share']:>8.1%}{e['macs_fraction']:>7.2f}"
+        if show_categories:
+            line += "".join(f"{e['categories'].get(c, 0):>9}" for c in categories)
+        lines.append(line)
+    if show_categories:
+        lines.append("  mean MACs fraction by category: " + ", ".join(
+            f"{c} {v:.3f}" for c, v in summary["mean_macs_fraction_by_category"].items()))
+    return "\n".join(lines)

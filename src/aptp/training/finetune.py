@@ -1,0 +1,183 @@
+"""``aptp finetune``: fine-tune one physically sliced expert on the prompts routed to it.
+
+Loss: ``lambda_ddpm * L_ddpm + lambda_distill * MSE(expert, dense) + lambda_blocks * block MSE`` with
+the dense base UNet as teacher. Each expert is an independent job (one per GPU, node or array
+task); checkpoints are atomic and resuming is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import DDPMScheduler
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from ..config import UnitOptions
+from ..families import family_of
+from ..imaging import comparison_grid, save_image_atomic, to_pil
+from ..utils import APTPError, write_json_atomic
+from .assign import CACHE_FILE, load_router, shard_file
+from .base_model import load_base_pipeline
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .common import BlockRecorder, batch_index, diffusion_target, snr_weights
+
+
+@dataclass
+class FinetuneConfig:
+    steps: int = 100
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    lambda_ddpm: float = 1.0
+    lambda_distill: float = 1.0
+    lambda_blocks: float = 0.5
+    min_snr_gamma: float | None = None
+    seed: int = 0
+    checkpoint_every: int = 50
+    validate_every: int = 0  # samples of the expert's own prompts every N steps (0: only at the end)
+    validation_prompts: int = 4
+    validation_steps: int = 10
+    mixed_precision: str = "no"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FinetuneConfig":
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise APTPError(f"unknown finetune option(s): {unknown}")
+        return cls(**data)
+
+
+def expert_folder(out: str | Path, expert: int) -> Path:
+    return Path(out) / f"expert-{expert}"
+
+
+def run_finetune(router_dir: str | Path, assign_dir: str | Path, expert: int, out: str | Path,
+                 config: FinetuneConfig | None = None) -> Path:
+    """Fine-tune expert ``expert``; writes ``OUT/expert-K`` (``save_pretrained``) and returns it."""
+    config = config or FinetuneConfig()
+    router, experts = load_router(router_dir)
+    if not 0 <= expert < router.num_codes:
+        raise APTPError(f"expert must be in [0, {router.num_codes}), got {expert}")
+    shard = shard_file(assign_dir, expert)
+    if not shard.is_file():
+        raise APTPError(f"no {shard.name} in {assign_dir}; run `aptp assign` first")
+    rows = torch.tensor(json.loads(shard.read_text())["rows"], dtype=torch.long)
+    if len(rows) == 0:
+        raise APTPError(f"no prompts were routed to expert {expert}; nothing to fine-tune it on")
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    set_seed(config.seed)
+    metadata = router.config.metadata
+    pipeline = load_base_pipeline(metadata["base_model"], accelerator.device)
+    teacher = pipeline.unet.eval().requires_grad_(False)
+    options = UnitOptions.from_dict(metadata["unit_options"])
+    architecture = {k: list(v) for k, v in experts["experts"][expert]["architecture"].items()}
+    student = family_of(teacher).slice_unet(teacher, architecture, options).train().requires_grad_(True)
+    cache = load_file(Path(assign_dir) / CACHE_FILE)
+    prompts = json.loads((Path(assign_dir) / CACHE_FILE).with_suffix(".json").read_text())["prompts"]
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    family = family_of(teacher)
+    teacher_blocks = BlockRecorder(family.feature_modules(teacher))
+    student_blocks = BlockRecorder(family.feature_modules(accelerator.unwrap_model(student)))
+    out = expert_folder(out, expert)
+    checkpoint = out.with_name(out.name + "-checkpoint")
+    start = 0
+    if found := find_checkpoint(checkpoint):
+        start = load_checkpoint(found, {"expert": accelerator.unwrap_model(student)}, optimizer)["step"]
+    scaling = pipeline.vae.config.scaling_factor
+    device = accelerator.device
+
+    def step_fn(step: int) -> float:
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 131 + accelerator.process_index)
+        picked = rows[batch_index(step, config.batch_size, len(rows), config.seed, accelerator.process_index,
+                                  accelerator.num_processes)]
+        mean, std = cache["latent_mean"][picked], cache["latent_std"][picked]
+        latents = ((mean + std * torch.randn(mean.shape, generator=generator)) * scaling).to(device)
+        text = cache["text_states"][cache["prompt_index"][picked]].float().to(device)
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(picked),), generator=generator)
+        timesteps = timesteps.to(device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        with torch.no_grad():
+            dense = teacher(noisy, timesteps, text).sample
+        predicted = student(noisy, timesteps, text).sample
+        target = diffusion_target(scheduler, latents, noise, timesteps)
+        per_sample = F.mse_loss(predicted.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        weights = snr_weights(scheduler, timesteps, config.min_snr_gamma)
+        ddpm = (per_sample * weights).mean() if weights is not None else per_sample.mean()
+        distill = F.mse_loss(predicted.float(), dense.float())
+        dense_features, features = teacher_blocks.take(), student_blocks.take()
+        blocks = sum(F.mse_loss(features[k].float(), dense_features[k].float()) for k in dense_features)
+        loss = (config.lambda_ddpm * ddpm + config.lambda_distill * distill
+                + config.lambda_blocks * blocks / max(1, len(dense_features)))
+        accelerator.backward(loss)
+        if config.grad_clip:
+            accelerator.clip_grad_norm_(student.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def save(step: int) -> None:
+        if accelerator.is_main_process:
+            save_checkpoint(checkpoint, {"expert": accelerator.unwrap_model(student)},
+                            {"step": step, "config": asdict(config)}, optimizer)
+        accelerator.wait_for_everyone()
+
+    def validate(step: int) -> None:
+        expert_prompts = [prompts[int(cache["prompt_index"][r])] for r in rows[:config.validation_prompts]]
+        unet = accelerator.unwrap_model(student).eval()
+        images = {}
+        for name, model in (("dense", teacher), (f"expert {expert}", unet)):
+            pipeline.unet = model
+            images[name] = to_pil(pipeline(expert_prompts, num_inference_steps=config.validation_steps,
+                                           generator=[torch.Generator().manual_seed(i)
+                                                      for i in range(len(expert_prompts))],
+                                           output_type="pt").images)
+        pipeline.unet = teacher
+        unet.train()
+        save_image_atomic(comparison_grid(expert_prompts, images), out.parent / f"validation-expert-{expert}" /
+                          f"step-{step:06d}.png")
+
+    bar = tqdm(total=config.steps, initial=start, desc=f"expert {expert}", unit="step",
+               disable=not accelerator.is_local_main_process)
+    step = start
+    try:
+        while step < config.steps:
+            loss = step_fn(step)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                save(step)
+            if config.validate_every and step % config.validate_every == 0 and accelerator.is_main_process:
+                validate(step)
+    except KeyboardInterrupt:
+        save(step)
+        raise APTPError(f"interrupted at step {step}; checkpoint saved in {checkpoint}, "
+                        "run the same command to resume") from None
+    finally:
+        bar.close()
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(student).eval()
+        temporary = out.with_name(out.name + ".tmp")
+        final.save_pretrained(temporary)
+        write_json_atomic(temporary / "aptp_expert.json", {
+            "expert": expert, "samples": len(rows), "macs_fraction": experts["experts"][expert]["macs_fraction"],
+            "config": asdict(config)})
+        if out.exists():
+            shutil.rmtree(out)
+        temporary.rename(out)
+        if config.validation_prompts:
+            validate(step)
+    accelerator.wait_for_everyone()
+    return out

@@ -1,0 +1,49 @@
+"""prune -> assign -> finetune -> export -> generate through the CLI on a tiny SD-2-style pipeline."""
+
+import json
+
+import torch
+from conftest import make_sd2_pipeline
+
+from aptp.cli import main
+from aptp.pipelines import APTPPipeline
+from aptp.world import export_imagefolder
+
+
+def test_full_flow_from_the_cli(tmp_path, capsys):
+    pipeline = make_sd2_pipeline(tmp_path / "sd2")
+    export_imagefolder(tmp_path / "data", 24, "train", seed=0)
+    prune = ["prune", "--output-dir", str(tmp_path / "prune"), "--config", "world", "--set",
+             f"model={pipeline}", f"data={tmp_path / 'data'}", "train_size=16", "val_size=8", "steps=3",
+             "warmup_steps=1", "batch_size=4", "num_codes=2", "arch_dim=8", "hidden_dim=16", "hyper_hidden_dim=16",
+             "validate_every=0"]
+    assert main(prune) == 0
+    router = str(tmp_path / "prune" / "router")
+    assert main(["assign", "--router", router, "--out", str(tmp_path / "assign")]) == 0
+    summary = json.loads((tmp_path / "assign" / "summary.json").read_text())
+    assert summary["samples"] == 16 and sum(e["samples"] for e in summary["experts"]) == 16
+    assert summary["experts"][0]["categories"]  # world categories come through the imagefolder metadata
+    assert main(["finetune", "--router", router, "--assign", str(tmp_path / "assign"), "--out",
+                 str(tmp_path / "experts"), "--all", "--set", "steps=2", "batch_size=4", "validation_prompts=1",
+                 "validation_steps=2"]) == 0
+    finetuned = [k for k in range(2) if (tmp_path / "experts" / f"expert-{k}" / "config.json").is_file()]
+    assert finetuned, "at least one expert received prompts and was fine-tuned"
+    assert main(["export", "--router", router, "--experts", str(tmp_path / "experts"), "--out",
+                 str(tmp_path / "pipeline")]) == 0
+    loaded = APTPPipeline.from_pretrained(tmp_path / "pipeline")
+    k = finetuned[0]
+    reference = APTPPipeline.from_pretrained(tmp_path / "pipeline").experts[k]
+    for a, b in zip(loaded.experts[k].parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+    # The tiny tokenizer spells prompts letter by letter into at most 16 tokens.
+    (tmp_path / "prompts.txt").write_text("red disk\n\n" + "a blue star " * 40 + "\n")
+    assert main(["generate", "--pipeline", str(tmp_path / "pipeline"), "--prompts-file", str(tmp_path / "prompts.txt"),
+                 "HI", "--steps", "2", "--out", str(tmp_path / "images")]) == 0
+    captured = capsys.readouterr()
+    assert "truncated" in captured.err
+    record = json.loads((tmp_path / "images" / "routing.json").read_text())
+    assert len(record["images"]) == 3 and all((tmp_path / "images" / r["file_name"]).is_file() for r in record["images"])
+    assert [r["prompt"] for r in record["images"]][0] == "HI"
+    assert [r["truncated"] for r in record["images"]] == [False, False, True]
+    assert main(["generate", "--pipeline", str(tmp_path / "pipeline"), "--out", str(tmp_path / "none")]) == 2
+    assert "no prompts" in capsys.readouterr().err
