@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from conftest import TEXT_LENGTH, make_unet, unet_inputs
+from conftest import make_unet, unet_inputs
 
 from aptp.config import UnitOptions
 from aptp.families import family_of

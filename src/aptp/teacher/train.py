@@ -16,12 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
-from tqdm.auto import tqdm
 
 from .. import world
 from ..data import WorldImages
 from ..training.cache import EMPTY_PROMPT_INDEX, encode_dataset
 from ..training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from ..training.common import run_loop
 from ..utils import APTPError
 from .components import (
     UNET_CONFIG,
@@ -107,25 +107,6 @@ def _learning_rate(base: float, step: int, warmup: int, total: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _run(out: Path, steps: int, start: int, desc: str, step_fn, save_fn, checkpoint_every: int) -> None:
-    """Shared loop: progress bar, periodic checkpoints, and a checkpoint on Ctrl-C."""
-    step = start
-    bar = tqdm(total=steps, initial=start, desc=desc, unit="step")
-    try:
-        while step < steps:
-            loss = step_fn(step)
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if step % checkpoint_every == 0 or step == steps:
-                save_fn(step)
-    except KeyboardInterrupt:
-        save_fn(step)
-        bar.close()
-        raise APTPError(f"interrupted at step {step}; checkpoint saved in {out}, run the same command to resume")
-    bar.close()
-
-
 def train_vae(out: str | Path, config: VAETrainConfig | None = None) -> AutoencoderKL:
     """Train the teacher's VAE into ``out/vae`` (checkpoints in ``out/vae-checkpoint``)."""
     config = config or VAETrainConfig()
@@ -153,12 +134,12 @@ def train_vae(out: str | Path, config: VAETrainConfig | None = None) -> Autoenco
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
         optimizer.step()
-        return loss.item()
+        return {"loss": loss.item()}
 
     def save_fn(step: int) -> None:
         save_checkpoint(checkpoint, {"vae": vae}, {"step": step, "config": asdict(config)}, optimizer)
 
-    _run(checkpoint, config.steps, start, "vae", step_fn, save_fn, config.checkpoint_every)
+    run_loop(config.steps, start, step_fn, save_fn, config.checkpoint_every, checkpoint, "vae")
     vae.eval()
     vae.register_to_config(scaling_factor=latent_scaling_factor(vae, config.seed))
     vae.save_pretrained(out / "vae")
@@ -223,11 +204,11 @@ def train_unet(out: str | Path, vae_path: str | Path, config: UNetTrainConfig | 
         decay = min(config.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1.0 - decay)
-        return loss.item()
+        return {"loss": loss.item()}
 
     def save_fn(step: int) -> None:
         save_checkpoint(checkpoint, modules, {"step": step, "config": asdict(config)}, optimizer)
 
-    _run(checkpoint, config.steps, start, "unet", step_fn, save_fn, config.checkpoint_every)
+    run_loop(config.steps, start, step_fn, save_fn, config.checkpoint_every, checkpoint, "unet")
     save_teacher(pipeline, out / "teacher")
     return pipeline

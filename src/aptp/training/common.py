@@ -3,7 +3,11 @@ feature recording and data sources."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
 import torch
+from tqdm.auto import tqdm
 
 from ..data import CaptionedImages, WorldImages, load_cc3m, load_coco, load_imagefolder
 from ..utils import APTPError
@@ -78,3 +82,34 @@ class BlockRecorder:
     def take(self) -> dict[str, torch.Tensor]:
         outputs, self.outputs = self.outputs, {}
         return outputs
+
+
+def run_loop(steps: int, start: int, step_fn: Callable[[int], dict], save_fn: Callable[[int], None],
+             checkpoint_every: int, checkpoint: Path, desc: str,
+             after_step: Callable[[int, dict], None] | None = None, show: bool = True,
+             shown: tuple[str, ...] | None = None) -> None:
+    """The loop every trainer shares: progress bar, a checkpoint every ``checkpoint_every`` steps and at
+    the end, and on Ctrl-C a checkpoint followed by a one-line message on how to resume.
+
+    ``step_fn(step)`` returns a dict of values (those named in ``shown``, default all, appear beside
+    the bar); ``after_step(step, values)`` runs after each step.
+    """
+    bar = tqdm(total=steps, initial=start, desc=desc, unit="step", disable=not show)
+    step = start
+    try:
+        while step < steps:
+            values = step_fn(step)
+            step += 1
+            bar.update(1)
+            bar.set_postfix({k.rpartition("/")[2]: f"{v:.4g}" for k, v in values.items() if shown is None or k in shown},
+                            refresh=False)
+            if step % checkpoint_every == 0 or step == steps:
+                save_fn(step)
+            if after_step is not None:
+                after_step(step, values)
+    except KeyboardInterrupt:
+        save_fn(step)
+        raise APTPError(f"interrupted at step {step}; checkpoint saved in {checkpoint}, "
+                        "run the same command to resume") from None
+    finally:
+        bar.close()

@@ -18,7 +18,6 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from ..config import UnitOptions
 from ..families import family_of
@@ -27,7 +26,7 @@ from ..utils import APTPError, write_json_atomic
 from .assign import CACHE_FILE, load_router, shard_file
 from .base_model import load_base_pipeline
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from .common import BlockRecorder, batch_index, diffusion_target, snr_weights
+from .common import BlockRecorder, batch_index, diffusion_target, run_loop, snr_weights
 
 
 @dataclass
@@ -125,7 +124,7 @@ def run_finetune(router_dir: str | Path, assign_dir: str | Path, expert: int, ou
             accelerator.clip_grad_norm_(student.parameters(), config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return {"loss": loss.item()}
 
     def save(step: int) -> None:
         if accelerator.is_main_process:
@@ -148,25 +147,12 @@ def run_finetune(router_dir: str | Path, assign_dir: str | Path, expert: int, ou
         save_image_atomic(comparison_grid(expert_prompts, images), out.parent / f"validation-expert-{expert}" /
                           f"step-{step:06d}.png")
 
-    bar = tqdm(total=config.steps, initial=start, desc=f"expert {expert}", unit="step",
-               disable=not accelerator.is_local_main_process)
-    step = start
-    try:
-        while step < config.steps:
-            loss = step_fn(step)
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if step % config.checkpoint_every == 0 or step == config.steps:
-                save(step)
-            if config.validate_every and step % config.validate_every == 0 and accelerator.is_main_process:
-                validate(step)
-    except KeyboardInterrupt:
-        save(step)
-        raise APTPError(f"interrupted at step {step}; checkpoint saved in {checkpoint}, "
-                        "run the same command to resume") from None
-    finally:
-        bar.close()
+    def after_step(step: int, values: dict) -> None:
+        if config.validate_every and step % config.validate_every == 0 and accelerator.is_main_process:
+            validate(step)
+
+    run_loop(config.steps, start, step_fn, save, config.checkpoint_every, checkpoint, f"expert {expert}",
+             after_step, accelerator.is_local_main_process)
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(student).eval()
         temporary = out.with_name(out.name + ".tmp")
@@ -178,6 +164,6 @@ def run_finetune(router_dir: str | Path, assign_dir: str | Path, expert: int, ou
             shutil.rmtree(out)
         temporary.rename(out)
         if config.validation_prompts:
-            validate(step)
+            validate(config.steps)
     accelerator.wait_for_everyone()
     return out

@@ -12,8 +12,6 @@ Runs unchanged under ``accelerate launch``; checkpoints are atomic and resuming 
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -23,7 +21,6 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
-from tqdm.auto import tqdm
 
 from ..config import UnitOptions
 from ..families import family_of
@@ -33,7 +30,7 @@ from ..utils import APTPError, write_json_atomic
 from .base_model import load_base_pipeline
 from .cache import encode_dataset
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from .common import WORLD, BlockRecorder, batch_index, diffusion_target, make_datasets, snr_weights
+from .common import WORLD, BlockRecorder, batch_index, diffusion_target, make_datasets, run_loop, snr_weights
 
 
 @dataclass
@@ -343,27 +340,17 @@ def run_prune(config: PruneConfig) -> dict:
                             {"step": step, "config": asdict(config)}, state.optimizer)
         accelerator.wait_for_everyone()
 
-    step = start
-    bar = tqdm(total=config.steps, initial=start, desc="prune", unit="step",
-               disable=not accelerator.is_local_main_process)
+    def after_step(step: int, logs: dict) -> None:
+        if step % config.log_every == 0:
+            accelerator.log(logs, step=step)
+        if config.validate_every and step % config.validate_every == 0 and accelerator.is_main_process:
+            validation_grid(state, config, out / "validation" / f"step-{step:06d}.png")
+
     try:
-        while step < config.steps:
-            logs = prune_step(config, state, step)
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss/total']:.3f}", macs=f"{logs['macs/batch_fraction']:.2f}")
-            if step % config.log_every == 0:
-                accelerator.log(logs, step=step)
-            if step % config.checkpoint_every == 0 or step == config.steps:
-                save(step)
-            if config.validate_every and step % config.validate_every == 0 and accelerator.is_main_process:
-                validation_grid(state, config, out / "validation" / f"step-{step:06d}.png")
-    except KeyboardInterrupt:
-        save(step)
-        raise APTPError(f"interrupted at step {step}; checkpoint saved in {checkpoint}, "
-                        "run the same command to resume") from None
+        run_loop(config.steps, start, lambda step: prune_step(config, state, step), save, config.checkpoint_every,
+                 checkpoint, "prune", after_step, accelerator.is_local_main_process,
+                 shown=("loss/total", "macs/batch_fraction"))
     finally:
-        bar.close()
         state.controller.remove()
     summary = save_router(state, config, out / "router") if accelerator.is_main_process else {}
     accelerator.end_training()
