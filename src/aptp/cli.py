@@ -104,6 +104,18 @@ def cmd_bench_prune_step(args) -> int:
     return 0
 
 
+def cmd_bench_throughput(args) -> int:
+    import torch
+
+    from .benchmarks.throughput import format_result, run_throughput_benchmark
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_throughput_benchmark(args.pipeline, args.batch, args.steps, args.repeats, args.warmup)
+    print(format_result(result, torch.get_num_threads()))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # aptp prune
 
@@ -265,6 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--warmup", type=int, default=2)
     step.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     step.set_defaults(func=cmd_bench_prune_step)
+    throughput = benches.add_parser("throughput", help="APTPPipeline vs its dense base pipeline, images/s")
+    throughput.add_argument("--pipeline", required=True, help="folder written by `aptp export`")
+    throughput.add_argument("--batch", type=_positive_int, default=64)
+    throughput.add_argument("--steps", type=_positive_int, default=25)
+    throughput.add_argument("--repeats", type=_positive_int, default=3)
+    throughput.add_argument("--warmup", type=int, default=1)
+    throughput.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    throughput.set_defaults(func=cmd_bench_throughput)
 
     prune = commands.add_parser("prune", help="train the prompt router and K expert codes under a MACs budget")
     prune.add_argument("--config", default="world",
