@@ -26,3 +26,60 @@ def test_fid_is_small_for_the_same_images_and_large_for_noise(inception):
     different = frechet_inception_distance(base, noise, inception=inception)
     assert abs(same) < 1e-2
     assert different > 50
+
+
+def _numpy_cmmd(x, y, sigma=10.0):
+    import numpy as np
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+
+    def k(a, b):
+        d = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+        return np.exp(-d / (2 * sigma ** 2)).mean()
+
+    return 1000 * (k(x, x) + k(y, y) - 2 * k(x, y))
+
+
+def test_clip_score_and_cmmd_match_numpy(tmp_path):
+    import numpy as np
+    from conftest import make_sd2_pipeline
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    from aptp.metrics.clip import CLIPEmbedder, clip_score, cmmd
+
+    make_sd2_pipeline(tmp_path / "sd2")  # writes the tiny CLIP vocabulary beside the pipeline
+    tokenizer = CLIPTokenizer(str(tmp_path / "sd2" / "vocab.json"), str(tmp_path / "sd2" / "merges.txt"),
+                              model_max_length=16)
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32,
+                                     "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16},
+                        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                        projection_dim=8)
+    folder = tmp_path / "clip"
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+
+    embedder = CLIPEmbedder(folder)
+    images = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    image_embeddings = embedder.images(images)
+    text_embeddings = embedder.texts(["red", "blue", "HI", "star", "sun"])
+    assert image_embeddings.shape == (5, 8) and text_embeddings.shape == (5, 8)
+    cosine = (image_embeddings.numpy() * text_embeddings.numpy()).sum(-1)
+    assert clip_score(image_embeddings, text_embeddings) == pytest.approx(100 * np.maximum(cosine, 0).mean(),
+                                                                          abs=1e-4)
+    other = embedder.images(torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 0.2)
+    assert cmmd(image_embeddings, other) == pytest.approx(_numpy_cmmd(image_embeddings, other), rel=1e-6)
+    assert cmmd(image_embeddings, other) > 0
+    assert cmmd(image_embeddings, image_embeddings) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_clip_metrics_need_a_local_folder(tmp_path):
+    from aptp.metrics.clip import CLIPEmbedder
+    from aptp.utils import APTPError
+
+    with pytest.raises(APTPError, match="need a local CLIP model folder"):
+        CLIPEmbedder(None)
+    with pytest.raises(APTPError, match="no CLIP model folder"):
+        CLIPEmbedder(tmp_path / "missing")
