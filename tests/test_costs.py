@@ -89,3 +89,22 @@ def test_reference_unets(name, params_m, gmacs, gmacs_no_attention):
     assert count_parameters(unet) / 1e6 == pytest.approx(params_m, rel=1e-3)
     assert model.dense / 1e9 == pytest.approx(gmacs, rel=1e-3)
     assert (model.dense - model.dense_attention) / 1e9 == pytest.approx(gmacs_no_attention, rel=1e-3)
+
+
+def test_uniform_and_magnitude_architectures_hit_their_target():
+    from aptp.units import uniform_width_architecture
+
+    unet = make_unet("sd2")
+    model = fam.build_macs_model(unet, text_length=TEXT_LENGTH)
+    magnitudes = fam.element_magnitudes(unet)
+    assert magnitudes.shape == (model.layout.num_elements,)
+    for target in (0.8, 0.6):
+        first = uniform_width_architecture(model, target, channel_multiple=1)
+        by_magnitude = uniform_width_architecture(model, target, channel_multiple=1, scores=magnitudes)
+        assert abs(model.macs_of(first) / model.dense - target) < 0.05
+        assert model.macs_of(by_magnitude) == pytest.approx(model.macs_of(first))
+    unit = "down_blocks.0.resnets.0:groups"
+    part = magnitudes[model.layout.slice_of(unit)]
+    kept = uniform_width_architecture(model, 0.6, channel_multiple=1, scores=magnitudes)[unit]
+    dropped = sorted(set(range(len(part))) - set(kept))
+    assert dropped and part[kept].min() >= part[dropped].max()  # the largest-norm groups stay

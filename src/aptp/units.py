@@ -221,21 +221,29 @@ def round_kept(unit: UnitSpec, kept: int, channel_multiple: int = 8, up: bool = 
     return min(unit.count, max(multiple, rounded))
 
 
-def uniform_width_architecture(model: MacsModel, target: float, channel_multiple: int = 8) -> Architecture:
+def uniform_width_architecture(model: MacsModel, target: float, channel_multiple: int = 8,
+                               scores: torch.Tensor | None = None) -> Architecture:
     """An architecture at about ``target`` x dense MACs that keeps the same fraction of every width unit.
 
-    Kept elements are the first ones of each unit, rounded up so kept channels are multiples of
+    Each unit keeps its highest-``scores`` elements (one score per gate, e.g. weight magnitudes or
+    random numbers; default: the first elements), rounded up so kept channels are multiples of
     ``channel_multiple`` where the unit allows it; depth units are skipped (largest first) only
-    when narrowing alone cannot reach the target. Useful for benchmarks and as a uniform baseline.
+    when narrowing alone cannot reach the target. Benchmarks and the magnitude / random baselines use it.
     """
     if not 0 < target <= 1:
         raise ValueError(f"target must be in (0, 1], got {target}")
+    if scores is None:
+        scores = -torch.arange(model.layout.num_elements, dtype=torch.float64)
+    order = {u.name: torch.argsort(scores[model.layout.slice_of(u.name)], descending=True, stable=True)
+             for u in model.layout if not u.is_depth}
+
     def at(ratio: float) -> Architecture:
         arch: Architecture = {}
         for unit in model.layout:
             if unit.is_depth:
                 continue
-            arch[unit.name] = list(range(round_kept(unit, round(ratio * unit.count), channel_multiple)))
+            kept = round_kept(unit, round(ratio * unit.count), channel_multiple)
+            arch[unit.name] = sorted(order[unit.name][:kept].tolist())
         return arch
 
     low, high = 0.0, 1.0

@@ -422,6 +422,30 @@ def check_consistency(unet: nn.Module) -> None:
         raise ArchitectureError("inconsistent architecture:\n  " + "\n  ".join(problems))
 
 
+@torch.no_grad()
+def element_magnitudes(unet: nn.Module, options: UnitOptions | None = None) -> torch.Tensor:
+    """L1 norm of the weights each gate element owns (one value per gate, layout order): the
+    input-side weights of a ResNet group (``conv1`` filters), an attention head (``to_q/k/v`` rows)
+    or a feed-forward chunk (``proj`` rows); depth units get +inf (magnitude pruning keeps blocks)."""
+    units = _discover(unet, options or UnitOptions())
+    values = []
+    for unit in units:
+        spec, module = unit.spec, unet.get_submodule(unit.path)
+        if spec.is_depth:
+            values.append(torch.full((1,), float("inf")))
+            continue
+        if spec.kind == "groups":
+            rows = module.conv1.weight.abs().flatten(1).sum(1)
+        elif spec.kind == "heads":
+            rows = sum(p.weight.abs().sum(1) for p in (module.to_q, module.to_k, module.to_v))
+        else:
+            proj = module.net[0].proj.weight.abs().sum(1)
+            hidden = module.net[2].in_features
+            rows = proj[:hidden] + proj[hidden:] if isinstance(module.net[0], GLU_ACTIVATIONS) else proj
+        values.append(rows.float().cpu().view(spec.count, spec.element_size).sum(1))
+    return torch.cat(values)
+
+
 def feature_modules(unet: nn.Module) -> dict[str, nn.Module]:
     """The blocks whose outputs block-level distillation compares (down, mid and up blocks)."""
     modules = {f"down_blocks.{i}": block for i, block in enumerate(unet.down_blocks)}
