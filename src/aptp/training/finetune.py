@@ -61,24 +61,35 @@ def expert_folder(out: str | Path, expert: int) -> Path:
 
 def run_finetune(router_dir: str | Path, assign_dir: str | Path, expert: int, out: str | Path,
                  config: FinetuneConfig | None = None) -> Path:
-    """Fine-tune expert ``expert``; writes ``OUT/expert-K`` (``save_pretrained``) and returns it."""
-    config = config or FinetuneConfig()
+    """Fine-tune expert ``expert`` on its shard; writes ``OUT/expert-K`` (``save_pretrained``) and returns it."""
     router, experts = load_router(router_dir)
     if not 0 <= expert < router.num_codes:
         raise APTPError(f"expert must be in [0, {router.num_codes}), got {expert}")
     shard = shard_file(assign_dir, expert)
     if not shard.is_file():
         raise APTPError(f"no {shard.name} in {assign_dir}; run `aptp assign` first")
-    rows = torch.tensor(json.loads(shard.read_text())["rows"], dtype=torch.long)
-    if len(rows) == 0:
+    rows = json.loads(shard.read_text())["rows"]
+    if not rows:
         raise APTPError(f"no prompts were routed to expert {expert}; nothing to fine-tune it on")
+    metadata = router.config.metadata
+    return finetune_architecture(metadata["base_model"], UnitOptions.from_dict(metadata["unit_options"]),
+                                 experts["experts"][expert]["architecture"], assign_dir, rows,
+                                 expert_folder(out, expert), config,
+                                 {"expert": expert, "macs_fraction": experts["experts"][expert]["macs_fraction"]})
+
+
+def finetune_architecture(base_model: str, options: UnitOptions, architecture: dict, assign_dir: str | Path,
+                          rows: list[int], out: Path, config: FinetuneConfig | None = None,
+                          info: dict | None = None) -> Path:
+    """Slice ``architecture`` from the base UNet and fine-tune it on ``rows`` of the encoded dataset in
+    ``assign_dir``; writes the model to ``out`` (``save_pretrained``, atomically) and returns it."""
+    config = config or FinetuneConfig()
+    rows = torch.tensor(rows, dtype=torch.long)
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     set_seed(config.seed)
-    metadata = router.config.metadata
-    pipeline = load_base_pipeline(metadata["base_model"], accelerator.device)
+    pipeline = load_base_pipeline(base_model, accelerator.device)
     teacher = pipeline.unet.eval().requires_grad_(False)
-    options = UnitOptions.from_dict(metadata["unit_options"])
-    architecture = {k: list(v) for k, v in experts["experts"][expert]["architecture"].items()}
+    architecture = {k: list(v) for k, v in architecture.items()}
     student = family_of(teacher).slice_unet(teacher, architecture, options).train().requires_grad_(True)
     cache = load_file(Path(assign_dir) / CACHE_FILE)
     prompts = json.loads((Path(assign_dir) / CACHE_FILE).with_suffix(".json").read_text())["prompts"]
@@ -88,7 +99,7 @@ def run_finetune(router_dir: str | Path, assign_dir: str | Path, expert: int, ou
     family = family_of(teacher)
     teacher_blocks = BlockRecorder(family.feature_modules(teacher))
     student_blocks = BlockRecorder(family.feature_modules(accelerator.unwrap_model(student)))
-    out = expert_folder(out, expert)
+    out = Path(out)
     checkpoint = out.with_name(out.name + "-checkpoint")
     start = 0
     if found := find_checkpoint(checkpoint):
@@ -136,7 +147,7 @@ def run_finetune(router_dir: str | Path, assign_dir: str | Path, expert: int, ou
         expert_prompts = [prompts[int(cache["prompt_index"][r])] for r in rows[:config.validation_prompts]]
         unet = accelerator.unwrap_model(student).eval()
         images = {}
-        for name, model in (("dense", teacher), (f"expert {expert}", unet)):
+        for name, model in (("dense", teacher), (out.name, unet)):
             pipeline.unet = model
             images[name] = to_pil(pipeline(expert_prompts, num_inference_steps=config.validation_steps,
                                            generator=[torch.Generator().manual_seed(i)
@@ -144,22 +155,21 @@ def run_finetune(router_dir: str | Path, assign_dir: str | Path, expert: int, ou
                                            output_type="pt").images)
         pipeline.unet = teacher
         unet.train()
-        save_image_atomic(comparison_grid(expert_prompts, images), out.parent / f"validation-expert-{expert}" /
+        save_image_atomic(comparison_grid(expert_prompts, images), out.parent / f"validation-{out.name}" /
                           f"step-{step:06d}.png")
 
     def after_step(step: int, values: dict) -> None:
         if config.validate_every and step % config.validate_every == 0 and accelerator.is_main_process:
             validate(step)
 
-    run_loop(config.steps, start, step_fn, save, config.checkpoint_every, checkpoint, f"expert {expert}",
+    run_loop(config.steps, start, step_fn, save, config.checkpoint_every, checkpoint, out.name,
              after_step, accelerator.is_local_main_process)
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(student).eval()
         temporary = out.with_name(out.name + ".tmp")
         final.save_pretrained(temporary)
-        write_json_atomic(temporary / "aptp_expert.json", {
-            "expert": expert, "samples": len(rows), "macs_fraction": experts["experts"][expert]["macs_fraction"],
-            "config": asdict(config)})
+        write_json_atomic(temporary / "aptp_expert.json", {**(info or {}), "samples": len(rows),
+                                                           "config": asdict(config)})
         if out.exists():
             shutil.rmtree(out)
         temporary.rename(out)
