@@ -237,6 +237,29 @@ def cmd_generate(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# aptp demo / baselines
+
+
+def cmd_demo(args) -> int:
+    from .config import parse_overrides
+    from .evaluation.demo import demo_config, run_demo
+
+    report = run_demo(demo_config(args.output_dir, parse_overrides(args.set)))
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_baselines(args) -> int:
+    from .config import parse_overrides
+    from .evaluation.demo import demo_config, evaluate_demo, run_baselines
+
+    config = demo_config(args.output_dir, parse_overrides(args.set))
+    run_baselines(config)
+    print(f"report: {evaluate_demo(config)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,6 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0, help="prompt i uses seed SEED + i")
     generate.add_argument("--batch-size", type=_positive_int, default=32)
     generate.set_defaults(func=cmd_generate)
+
+    demo = commands.add_parser("demo", help="the whole method on the embedded world, with baselines and a report")
+    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+                      help="override options, e.g. prune.steps=100 finetune.steps=20 evaluation.per_category=16")
+    demo.set_defaults(func=cmd_demo)
+
+    baselines = commands.add_parser("baselines", help="static / magnitude / random baselines at the mixture's MACs")
+    baselines.add_argument("--output-dir", default="runs/demo", help="a demo folder with a finished mixture")
+    baselines.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="same options as `aptp demo`")
+    baselines.set_defaults(func=cmd_baselines)
 
     # Each folder owns its command group.
     add_world_parser(commands)

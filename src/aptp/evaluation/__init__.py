@@ -1,0 +1,1 @@
+"""Side-by-side evaluation of the routed mixture and its baselines, and the report."""

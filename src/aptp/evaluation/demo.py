@@ -1,0 +1,209 @@
+"""``aptp demo`` and ``aptp baselines``: the whole method on the embedded world, and its baselines.
+
+Stages (each is skipped when its output already exists, so an interrupted demo resumes):
+prune (K experts) -> assign -> fine-tune experts -> export the APTPPipeline -> baselines at the same
+average MACs and the same fine-tuning steps (static = APTP with K = 1, L1 magnitude, random) ->
+evaluate everything side by side with the dense teacher -> report.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from ..config import UnitOptions
+from ..families import family_of
+from ..pipelines import APTPPipeline
+from ..pipelines.build import build_pipeline
+from ..training.assign import SUMMARY_FILE, load_router, run_assign
+from ..training.base_model import WORLD, load_base_pipeline
+from ..training.finetune import FinetuneConfig, expert_folder, finetune_architecture, run_finetune
+from ..training.prune import load_prune_config, run_prune
+from ..units import uniform_width_architecture
+from ..utils import APTPError, write_json_atomic
+from .compare import EvalConfig, evaluate_candidates, mixture_candidate, single_unet_candidate
+from .report import write_report
+
+BASELINES = ("static", "magnitude", "random")
+
+
+@dataclass
+class DemoConfig:
+    output_dir: str = "runs/demo"
+    model: str = WORLD
+    prune: dict = field(default_factory=lambda: {"steps": 150, "warmup_steps": 15, "train_size": 2000,
+                                                 "val_size": 200, "batch_size": 32, "validate_every": 0})
+    finetune: dict = field(default_factory=lambda: {"steps": 40, "batch_size": 32, "validation_prompts": 0})
+    evaluation: dict = field(default_factory=lambda: {"per_category": 32, "steps": 20, "batch_size": 64})
+    baselines: tuple[str, ...] = BASELINES
+    seed: int = 0
+
+
+class Stages:
+    """Prints one line per stage, and skips the stages whose output exists."""
+
+    def __init__(self, total: int):
+        self.total, self.index = total, 0
+
+    def run(self, name: str, done: bool, action) -> None:
+        self.index += 1
+        if done:
+            print(f"[{self.index}/{self.total}] {name}: done earlier, skipped")
+            return
+        print(f"[{self.index}/{self.total}] {name}")
+        action()
+
+
+def _finetune_config(config: DemoConfig, steps: int | None = None) -> FinetuneConfig:
+    overrides = dict(config.finetune)
+    if steps is not None:
+        overrides["steps"] = steps
+    return FinetuneConfig.from_dict({"seed": config.seed, **overrides})
+
+
+def _baseline_architecture(kind: str, router_dir: Path, target: float, seed: int) -> dict:
+    router, experts = load_router(router_dir)
+    metadata = router.config.metadata
+    base = load_base_pipeline(metadata["base_model"])
+    family = family_of(base.unet)
+    options = UnitOptions.from_dict(metadata["unit_options"])
+    macs_model = family.build_macs_model(base.unet, tuple(metadata["latent_size"]), metadata["text_length"], options)
+    if kind == "magnitude":
+        scores = family.element_magnitudes(base.unet, options)
+    else:
+        scores = torch.rand(macs_model.layout.num_elements, generator=torch.Generator().manual_seed(seed))
+    architecture = uniform_width_architecture(macs_model, target, scores=scores)
+    return {"architecture": architecture, "macs_fraction": macs_model.macs_of(architecture) / macs_model.dense}
+
+
+def run_baselines(config: DemoConfig, stages: Stages | None = None) -> dict[str, Path]:
+    """Train the baselines next to a finished mixture in ``output_dir``; returns their model folders."""
+    out = Path(config.output_dir)
+    router_dir, assign_dir = out / "prune" / "router", out / "assign"
+    if not (assign_dir / SUMMARY_FILE).is_file():
+        raise APTPError(f"no finished mixture in {out} (missing {assign_dir / SUMMARY_FILE}); run `aptp demo` first")
+    stages = stages or Stages(len(config.baselines))
+    summary = json.loads((assign_dir / SUMMARY_FILE).read_text())
+    all_rows = list(range(summary["samples"]))
+    experts = [e for e in summary["experts"] if e["samples"]]
+    total_steps = int(config.finetune.get("steps", FinetuneConfig.steps)) * len(experts)  # the mixture's budget
+    target = summary["mean_macs_fraction"]
+    folders = {}
+    for kind in config.baselines:
+        folder = out / "baselines" / kind
+        folders[kind] = folder / "model"
+        if kind == "static":
+            def train(folder=folder):
+                prune = load_prune_config(None, {**_prune_overrides(config), "num_codes": 1,
+                                                 "output_dir": str(folder / "prune")})
+                run_prune(prune)
+                _, single = load_router(folder / "prune" / "router")
+                expert = single["experts"][0]
+                _finetune_single(config, router_dir, expert["architecture"], expert["macs_fraction"], all_rows,
+                                 folder / "model", total_steps)
+        elif kind in ("magnitude", "random"):
+            def train(folder=folder, kind=kind):
+                chosen = _baseline_architecture(kind, router_dir, target, config.seed)
+                _finetune_single(config, router_dir, chosen["architecture"], chosen["macs_fraction"], all_rows,
+                                 folder / "model", total_steps)
+        else:
+            raise APTPError(f"unknown baseline {kind!r}; choose from {', '.join(BASELINES)}")
+        stages.run(f"baseline {kind}", (folder / "model" / "config.json").is_file(), train)
+    return folders
+
+
+def _finetune_single(config: DemoConfig, router_dir: Path, architecture: dict, macs_fraction: float,
+                     rows: list[int], out: Path, steps: int) -> None:
+    router, _ = load_router(router_dir)
+    metadata = router.config.metadata
+    finetune_architecture(metadata["base_model"], UnitOptions.from_dict(metadata["unit_options"]), architecture,
+                          Path(config.output_dir) / "assign", rows, out, _finetune_config(config, steps),
+                          {"macs_fraction": macs_fraction})
+
+
+def _prune_overrides(config: DemoConfig) -> dict:
+    return {"model": config.model, "data": WORLD, "seed": config.seed, **config.prune}
+
+
+def evaluate_demo(config: DemoConfig) -> Path:
+    """Evaluate dense, mixture and baselines side by side; write the report; return report.html."""
+    out = Path(config.output_dir)
+    mixture = APTPPipeline.from_pretrained(out / "pipeline")
+    mixture.set_progress_bar_config(disable=True)
+    base = load_base_pipeline(mixture.router.config.metadata["base_model"])
+    family = family_of(base.unet)
+    candidates = [single_unet_candidate("dense", base, base.unet, 1.0), mixture_candidate("APTP", mixture)]
+    for kind in config.baselines:
+        folder = out / "baselines" / kind / "model"
+        info = json.loads((folder / "aptp_expert.json").read_text())
+        unet = family.APTPUNet2DConditionModel.from_pretrained(folder).eval()
+        candidates.append(single_unet_candidate(kind, base, unet, info["macs_fraction"]))
+    evaluation = EvalConfig(seed=config.seed, **config.evaluation)
+    metrics, images, samples = evaluate_candidates(candidates, evaluation, family,
+                                                   mixture.router.config.metadata["text_length"])
+    fractions = [mixture.experts.macs_fraction(k) for k in range(len(mixture.experts))]
+    metrics["verdict"] = _verdict(metrics["models"])
+    metrics["demo"] = asdict(config)
+    return write_report(out / "report", metrics, images, samples, mixture="APTP", expert_fractions=fractions,
+                        verdict=metrics["verdict"])
+
+
+def _verdict(models: dict) -> str:
+    if "APTP" not in models or "static" not in models:
+        return ""
+    a, s = models["APTP"], models["static"]
+    better = [name for name, x, y in (("FID", -a["fid"], -s["fid"]),
+                                      ("world accuracy", a["world_accuracy"]["overall"],
+                                       s["world_accuracy"]["overall"])) if x > y]
+    return (f"At {a['macs_fraction']:.3f} (mixture) vs {s['macs_fraction']:.3f} (static) of dense MACs, the routed "
+            f"mixture {'beat' if len(better) == 2 else 'did not beat'} static pruning on this world "
+            f"(FID {a['fid']:.1f} vs {s['fid']:.1f}; world accuracy {a['world_accuracy']['overall']:.3f} vs "
+            f"{s['world_accuracy']['overall']:.3f}).")
+
+
+def run_demo(config: DemoConfig) -> Path:
+    out = Path(config.output_dir)
+    stages = Stages(5 + len(config.baselines) + 1)
+    router_dir, assign_dir = out / "prune" / "router", out / "assign"
+    stages.run("prune: router and experts under the budget", (router_dir / "experts.json").is_file(),
+               lambda: run_prune(load_prune_config(None, {**_prune_overrides(config),
+                                                          "output_dir": str(out / "prune")})))
+    stages.run("assign: route the training prompts", (assign_dir / SUMMARY_FILE).is_file(),
+               lambda: run_assign(router_dir, assign_dir))
+    summary = json.loads((assign_dir / SUMMARY_FILE).read_text())
+
+    def finetune_all():
+        for expert in summary["experts"]:
+            if expert["samples"] and not (expert_folder(out / "experts", expert["expert"]) / "config.json").is_file():
+                run_finetune(router_dir, assign_dir, expert["expert"], out / "experts", _finetune_config(config))
+
+    done = all((expert_folder(out / "experts", e["expert"]) / "config.json").is_file()
+               for e in summary["experts"] if e["samples"])
+    stages.run("fine-tune experts", done, finetune_all)
+    stages.run("export the APTPPipeline", (out / "pipeline" / "model_index.json").is_file(),
+               lambda: build_pipeline(router_dir, out / "experts").save_pretrained(out / "pipeline"))
+    run_baselines(config, stages)
+    reports = []
+    stages.run("evaluate and report", False, lambda: reports.append(evaluate_demo(config)))
+    report = reports[0]
+    write_json_atomic(out / "demo.json", {"report": str(report), "config": asdict(config)})
+    return report
+
+
+def demo_config(output_dir: str | None = None, overrides: dict | None = None) -> DemoConfig:
+    """The demo config with ``section.key=value`` overrides (``prune.steps=100``, ``seed=1``)."""
+    config = DemoConfig()
+    if output_dir:
+        config = replace(config, output_dir=output_dir)
+    for key, value in (overrides or {}).items():
+        section, _, name = key.partition(".")
+        if name and section in ("prune", "finetune", "evaluation"):
+            getattr(config, section)[name] = value
+        elif not name and key in DemoConfig.__dataclass_fields__:
+            config = replace(config, **{key: tuple(value) if key == "baselines" else value})
+        else:
+            raise APTPError(f"unknown demo option {key!r}")
+    return config
