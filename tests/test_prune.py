@@ -16,7 +16,7 @@ from aptp.world import export_imagefolder
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"stepz": 3}, "unknown prune config key"),
+    ({"stepz": 3}, "unknown PruneConfig option"),
     ({"budget": 0.0}, "budget"),
     ({"budget": 1.5}, "budget"),
     ({"steps": 10, "warmup_steps": 10}, "warmup_steps"),

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from aptp.config import parse_overrides
-from aptp.teacher.train import UNetTrainConfig, _batch_indices, config_from_overrides
+from aptp.config import config_from_dict
+from aptp.teacher.train import UNetTrainConfig, _batch_indices
 from aptp.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from aptp.utils import APTPError
 
@@ -63,9 +64,9 @@ def test_batches_cover_each_epoch_once():
 
 def test_overrides_are_typed_and_unknown_keys_rejected():
     overrides = parse_overrides(["steps=10", "lr=3e-4", "block-out-channels=[32, 64, 64]"])
-    config = config_from_overrides(UNetTrainConfig, overrides)
+    config = config_from_dict(UNetTrainConfig, overrides)
     assert (config.steps, config.lr, list(config.block_out_channels)) == (10, 3e-4, [32, 64, 64])
     with pytest.raises(APTPError, match="unknown UNetTrainConfig option"):
-        config_from_overrides(UNetTrainConfig, {"stepz": 3})
+        config_from_dict(UNetTrainConfig, {"stepz": 3})
     with pytest.raises(APTPError, match="key=value"):
         parse_overrides(["steps"])

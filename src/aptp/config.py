@@ -36,11 +36,16 @@ class UnitOptions:
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "UnitOptions":
-        data = dict(data or {})
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown unit option(s): {sorted(unknown)}")
-        return cls(**data)
+        return config_from_dict(cls, data or {})
+
+
+def config_from_dict(cls, data: dict):
+    """A config dataclass from ``data``; unknown keys are errors (a typo never passes silently)."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise APTPError(f"unknown {cls.__name__} option(s): {unknown}; known: {sorted(names)}")
+    return cls(**data)
 
 
 def parse_overrides(items: list[str] | None) -> dict:

@@ -5,22 +5,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import parse_overrides
+from ..config import config_from_dict, parse_overrides
 from ..utils import APTPError
 
 
 def run_train(args) -> int:
-    from .train import UNetTrainConfig, VAETrainConfig, config_from_overrides, train_unet, train_vae
+    from .train import UNetTrainConfig, VAETrainConfig, train_unet, train_vae
 
     out = Path(args.out)
     overrides = parse_overrides(args.set)
     if args.stage in ("vae", "all"):
-        train_vae(out, config_from_overrides(VAETrainConfig, overrides if args.stage == "vae" else {}))
+        train_vae(out, config_from_dict(VAETrainConfig, overrides if args.stage == "vae" else {}))
     if args.stage in ("unet", "all"):
         vae = Path(args.vae) if args.vae else out / "vae"
         if not (vae / "config.json").is_file():
             raise APTPError(f"no trained VAE at {vae}; run `aptp teacher train --stage vae --out {out}` first")
-        train_unet(out, vae, config_from_overrides(UNetTrainConfig, overrides if args.stage == "unet" else {}))
+        train_unet(out, vae, config_from_dict(UNetTrainConfig, overrides if args.stage == "unet" else {}))
         print(f"teacher written to {out / 'teacher'}")
     return 0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,6 @@ from ..data import WorldImages
 from ..training.cache import EMPTY_PROMPT_INDEX, encode_dataset
 from ..training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from ..training.common import run_loop
-from ..utils import APTPError
 from .components import (
     UNET_CONFIG,
     assemble_pipeline,
@@ -61,15 +60,6 @@ class UNetTrainConfig:
     seed: int = 0
     dataset_size: int = 20000  # world train samples, encoded once (latents + text states) and cached
     block_out_channels: tuple[int, ...] | None = None  # None: the tiny preset's widths
-
-
-def config_from_overrides(cls, overrides: dict):
-    """A config dataclass with ``overrides`` applied; unknown keys are errors."""
-    names = {f.name for f in fields(cls)}
-    unknown = set(overrides) - names
-    if unknown:
-        raise APTPError(f"unknown {cls.__name__} option(s): {sorted(unknown)}; known: {sorted(names)}")
-    return cls(**overrides)
 
 
 def world_batch(step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, list[str]]:

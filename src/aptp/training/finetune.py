@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
-from ..config import UnitOptions
+from ..config import UnitOptions, config_from_dict
 from ..families import family_of
 from ..imaging import comparison_grid, save_image_atomic, to_pil
 from ..utils import APTPError, write_json_atomic
@@ -49,10 +49,7 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "FinetuneConfig":
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise APTPError(f"unknown finetune option(s): {unknown}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 def expert_folder(out: str | Path, expert: int) -> Path:

@@ -12,7 +12,7 @@ Runs unchanged under ``accelerate launch``; checkpoints are atomic and resuming 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
 
-from ..config import UnitOptions
+from ..config import UnitOptions, config_from_dict
 from ..families import family_of
 from ..routing import PromptRouter, assignment_loss, contrastive_loss, resource_loss, sinkhorn
 from ..routing.encoder import DEFAULT_PROMPT_ENCODER, PromptEncoder
@@ -91,11 +91,7 @@ class PruneConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PruneConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise APTPError(f"unknown prune config key(s): {unknown}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 def load_prune_config(path: str | Path | None, overrides: dict | None = None) -> PruneConfig:
