@@ -119,3 +119,14 @@ def test_router_saves_and_loads(tmp_path):
     assert torch.equal(loaded.route(z), router.route(z))
     assert torch.equal(loaded.gate_probabilities(), router.gate_probabilities())
     assert loaded.expert_architectures() == router.expert_architectures()
+
+
+def test_noise_free_gates_are_the_materialised_experts():
+    router = tiny_router()
+    with torch.no_grad():
+        router.hypernet[-1].bias.normal_(std=4.0, generator=torch.Generator().manual_seed(8))
+    gates = router.sample_gates(0.3, torch.Generator().manual_seed(9), noise_scale=0.0)
+    expected = (router.gate_probabilities() > 0.5).float()
+    assert torch.equal(gates.detach(), expected)
+    noisy = router.sample_gates(0.3, torch.Generator().manual_seed(9), noise_scale=1.0)
+    assert not torch.equal(noisy.detach(), expected)

@@ -91,13 +91,19 @@ class PromptRouter(ModelMixin, ConfigMixin):
     def gate_probabilities(self, temperature: float = 1.0) -> torch.Tensor:
         return torch.sigmoid(self.gate_logits() / temperature)
 
-    def sample_gates(self, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Relaxed-Bernoulli gates (K, U): hard 0/1 in value, soft in gradient."""
+    def sample_gates(self, temperature: float = 1.0, generator: torch.Generator | None = None,
+                     noise_scale: float = 1.0) -> torch.Tensor:
+        """Relaxed-Bernoulli gates (K, U): hard 0/1 in value, soft in gradient.
+
+        ``noise_scale`` scales the logistic noise: 1 samples Bernoulli(p) gates, 0 gives exactly the
+        deterministic architecture that :meth:`expert_architectures` materialises (before rounding).
+        """
         logits = self.gate_logits()
         # Drawn on the CPU so a CPU generator gives the same noise on any device.
         uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float32).to(logits.device, logits.dtype)
         uniform = uniform.clamp(1e-6, 1 - 1e-6)
-        soft = torch.sigmoid((logits + torch.log(uniform) - torch.log1p(-uniform)) / temperature)
+        noise = (torch.log(uniform) - torch.log1p(-uniform)) * noise_scale
+        soft = torch.sigmoid((logits + noise) / temperature)
         hard = (soft > 0.5).to(soft.dtype)
         return hard + (soft - soft.detach())  # exactly 0/1 in value
 

@@ -55,6 +55,8 @@ class PruneConfig:
     gate_offset: float = 3.0
     gate_temperature_start: float = 1.0
     gate_temperature_end: float = 0.2
+    gate_noise_start: float = 1.0  # logistic-noise scale of sampled gates, annealed linearly after warm-up,
+    gate_noise_end: float = 0.0  # so the last steps train the deterministic experts that are materialised
     score_temperature: float = 0.1
     contrastive_temperature: float = 0.05
     sinkhorn_epsilon: float = 0.05
@@ -110,10 +112,18 @@ def load_prune_config(path: str | Path | None, overrides: dict | None = None) ->
     return PruneConfig.from_dict({**data, **(overrides or {})})
 
 
+def _progress(config: PruneConfig, step: int) -> float:
+    """0 at the end of warm-up, 1 at the last step."""
+    return min(1.0, max(0.0, (step - config.warmup_steps) / max(1, config.steps - 1 - config.warmup_steps)))
+
+
 def _gate_temperature(config: PruneConfig, step: int) -> float:
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    progress = min(1.0, max(0.0, progress))
-    return config.gate_temperature_start * (config.gate_temperature_end / config.gate_temperature_start) ** progress
+    ratio = config.gate_temperature_end / config.gate_temperature_start
+    return config.gate_temperature_start * ratio ** _progress(config, step)
+
+
+def _gate_noise(config: PruneConfig, step: int) -> float:
+    return config.gate_noise_start + (config.gate_noise_end - config.gate_noise_start) * _progress(config, step)
 
 
 @dataclass
@@ -214,7 +224,8 @@ def prune_step(config: PruneConfig, state: PruneState, step: int) -> dict[str, f
     else:
         # Same seed on every process: a code has one architecture per step across the global batch.
         code_gates = router.sample_gates(_gate_temperature(config, step),
-                                         torch.Generator().manual_seed(config.seed * 7919 + step))
+                                         torch.Generator().manual_seed(config.seed * 7919 + step),
+                                         _gate_noise(config, step))
         gates = router.mix(scores, assignment, code_gates)
 
     with torch.no_grad(), state.controller.use(None):
