@@ -60,6 +60,14 @@ class PromptRouter(ModelMixin, ConfigMixin):
     def num_codes(self) -> int:
         return self.codes.shape[0]
 
+    def forward(self, prompt_embeddings: torch.Tensor, temperature: float = 1.0,
+                generator: torch.Generator | None = None, noise_scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """One training pass (call it through the Accelerate/DDP wrapper so gradients are synchronised):
+        architecture embeddings ``arch`` (B, d), ``scores`` (B, K) and sampled ``code_gates`` (K, U)."""
+        arch = self.embed(prompt_embeddings)
+        return {"arch": arch, "scores": self.scores(arch),
+                "code_gates": self.sample_gates(temperature, generator, noise_scale)}
+
     # -- routing --------------------------------------------------------------------------------
 
     def embed(self, prompt_embeddings: torch.Tensor) -> torch.Tensor:

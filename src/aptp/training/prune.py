@@ -214,33 +214,33 @@ def prune_step(config: PruneConfig, state: PruneState, step: int) -> dict[str, f
     noisy = state.scheduler.add_noise(latents, noise, timesteps)
     target = diffusion_target(state.scheduler, latents, noise, timesteps)
 
-    arch = router.embed(prompt_embeddings)
-    scores = router.scores(arch)
+    warming_up = step < config.warmup_steps
+    # Through the wrapper: under DDP this is what synchronises the router's gradients. The gate seed is
+    # the same on every process, so a code has one architecture per step across the global batch.
+    routed = state.router(prompt_embeddings, _gate_temperature(config, step),
+                          torch.Generator().manual_seed(config.seed * 7919 + step), _gate_noise(config, step))
+    arch, scores, code_gates = routed["arch"], routed["scores"], routed["code_gates"]
     balanced = sinkhorn(scores, config.sinkhorn_epsilon, config.sinkhorn_iterations)
     assignment = balanced.argmax(dim=1)
-    if step < config.warmup_steps:
-        code_gates = None
+    zero = scores.sum() * 0.0
+    if warming_up:
+        # Gates stay open: the UNet would compute the teacher's output, so it is not run at all.
         gates = torch.ones(len(index), state.macs_model.layout.num_elements, device=device)
+        ddpm = distill = blocks = zero + code_gates.sum() * 0.0  # every parameter takes part (DDP)
     else:
-        # Same seed on every process: a code has one architecture per step across the global batch.
-        code_gates = router.sample_gates(_gate_temperature(config, step),
-                                         torch.Generator().manual_seed(config.seed * 7919 + step),
-                                         _gate_noise(config, step))
         gates = router.mix(scores, assignment, code_gates)
-
-    with torch.no_grad(), state.controller.use(None):
-        teacher = unet(noisy, timesteps, text).sample
-        teacher_blocks = state.recorder.take()
-    with state.controller.use(gates):
-        student = unet(noisy, timesteps, text).sample
-        student_blocks = state.recorder.take()
-
-    weights = snr_weights(state.scheduler, timesteps, config.min_snr_gamma)
-    per_sample = F.mse_loss(student.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    ddpm = (per_sample * weights).mean() if weights is not None else per_sample.mean()
-    distill = F.mse_loss(student.float(), teacher.float())
-    blocks = sum(F.mse_loss(student_blocks[k].float(), teacher_blocks[k].float()) for k in teacher_blocks)
-    blocks = blocks / max(1, len(teacher_blocks))
+        with torch.no_grad(), state.controller.use(None):
+            teacher = unet(noisy, timesteps, text).sample
+            teacher_blocks = state.recorder.take()
+        with state.controller.use(gates):
+            student = unet(noisy, timesteps, text).sample
+            student_blocks = state.recorder.take()
+        weights = snr_weights(state.scheduler, timesteps, config.min_snr_gamma)
+        per_sample = F.mse_loss(student.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        ddpm = (per_sample * weights).mean() if weights is not None else per_sample.mean()
+        distill = F.mse_loss(student.float(), teacher.float())
+        blocks = sum(F.mse_loss(student_blocks[k].float(), teacher_blocks[k].float()) for k in teacher_blocks)
+        blocks = blocks / max(1, len(teacher_blocks))
     fraction = state.macs_model.fraction(gates.double()).float()
     resource = resource_loss(fraction, config.budget)
     contrastive = contrastive_loss(arch, prompt_embeddings, config.contrastive_temperature)
@@ -259,7 +259,7 @@ def prune_step(config: PruneConfig, state: PruneState, step: int) -> dict[str, f
     counts = torch.bincount(assignment, minlength=router.num_codes)
     for k in range(router.num_codes):
         logs[f"assign/code_{k}"] = counts[k].item() / len(index)
-        if code_gates is not None:
+        if not warming_up:
             logs[f"macs/code_{k}"] = state.macs_model.fraction(code_gates[k].detach().double()).item()
     return logs
 
