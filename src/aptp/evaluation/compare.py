@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .. import world
 from ..metrics.clip import CLIPEmbedder, clip_score, cmmd
 from ..metrics.fid import FIDInception, frechet_inception_distance
+from ..pipelines import pipeline_with_unet
 from ..teacher.train import images_to_tensor
 
 
@@ -48,10 +49,7 @@ class Candidate:
 
 def single_unet_candidate(name: str, base: StableDiffusionPipeline, unet, macs_fraction: float) -> Candidate:
     """A Stable Diffusion pipeline over one UNet (dense, or one sliced architecture)."""
-    pipeline = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                       unet=unet, scheduler=type(base.scheduler).from_config(base.scheduler.config),
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = pipeline_with_unet(base, unet)
 
     def generate(prompts, generators, steps, guidance):
         images = pipeline(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,

@@ -22,6 +22,17 @@ from ..routing.encoder import PromptEncoder
 from ..utils import APTPError
 
 
+def pipeline_with_unet(components, unet) -> StableDiffusionPipeline:
+    """A Stable Diffusion pipeline over ``unet`` sharing the VAE, text encoder and tokenizer of
+    ``components`` (any pipeline), with a fresh copy of its scheduler."""
+    pipeline = StableDiffusionPipeline(
+        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer, unet=unet,
+        scheduler=type(components.scheduler).from_config(components.scheduler.config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
 @dataclass
 class APTPPipelineOutput(BaseOutput):
     """Images in the caller's order, with the expert and MACs each prompt used."""
@@ -54,12 +65,7 @@ class APTPPipeline(DiffusionPipeline):
 
     def expert_pipeline(self, index: int) -> StableDiffusionPipeline:
         """A Stable Diffusion pipeline over expert ``index`` sharing this pipeline's components."""
-        pipeline = StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.experts[index],
-            scheduler=type(self.scheduler).from_config(self.scheduler.config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
+        return pipeline_with_unet(self, self.experts[index])
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from ..config import UnitOptions, config_from_dict
 from ..families import family_of
 from ..imaging import comparison_grid, save_image_atomic, to_pil
+from ..pipelines.aptp import pipeline_with_unet
 from ..utils import APTPError, write_json_atomic
 from .assign import CACHE_FILE, load_router, shard_file
 from .base_model import load_base_pipeline
@@ -145,12 +146,9 @@ def finetune_architecture(base_model: str, options: UnitOptions, architecture: d
         unet = accelerator.unwrap_model(student).eval()
         images = {}
         for name, model in (("dense", teacher), (out.name, unet)):
-            pipeline.unet = model
-            images[name] = to_pil(pipeline(expert_prompts, num_inference_steps=config.validation_steps,
-                                           generator=[torch.Generator().manual_seed(i)
-                                                      for i in range(len(expert_prompts))],
-                                           output_type="pt").images)
-        pipeline.unet = teacher
+            images[name] = to_pil(pipeline_with_unet(pipeline, model)(
+                expert_prompts, num_inference_steps=config.validation_steps, output_type="pt",
+                generator=[torch.Generator().manual_seed(i) for i in range(len(expert_prompts))]).images)
         unet.train()
         save_image_atomic(comparison_grid(expert_prompts, images), out.parent / f"validation-{out.name}" /
                           f"step-{step:06d}.png")
