@@ -20,6 +20,9 @@ def test_full_flow_from_the_cli(tmp_path, capsys):
     assert main(prune) == 0
     router = str(tmp_path / "prune" / "router")
     assert main(["assign", "--router", router, "--out", str(tmp_path / "assign")]) == 0
+    # Routing the router's own training data reuses the pruning run's encoded cache.
+    assert (tmp_path / "assign" / "cache.safetensors").read_bytes() == \
+        (tmp_path / "prune" / "cache" / "train.safetensors").read_bytes()
     summary = json.loads((tmp_path / "assign" / "summary.json").read_text())
     assert summary["samples"] == 16 and sum(e["samples"] for e in summary["experts"]) == 16
     assert summary["experts"][0]["categories"]  # world categories come through the imagefolder metadata

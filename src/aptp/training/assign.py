@@ -8,6 +8,7 @@ trains on. Routing is per prompt (argmax), so a prompt's expert never depends on
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -33,6 +34,19 @@ def load_router(folder: str | Path) -> tuple[PromptRouter, dict]:
     return PromptRouter.from_pretrained(folder).eval(), json.loads(experts_file.read_text())
 
 
+def _reuse_training_cache(router_dir: Path, out: Path, same_data: bool) -> None:
+    """Routing the router's own training data: start from the cache the pruning run already encoded."""
+    source = router_dir.parent / "cache" / "train.safetensors"
+    target = out / CACHE_FILE
+    if not same_data or target.exists() or not source.is_file() or not source.with_suffix(".json").is_file():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for src, dst in ((source.with_suffix(".json"), target.with_suffix(".json")), (source, target)):
+        temporary = dst.with_name(dst.name + ".tmp")
+        shutil.copyfile(src, temporary)
+        temporary.replace(dst)
+
+
 def shard_file(folder: str | Path, expert: int) -> Path:
     return Path(folder) / f"expert-{expert}.json"
 
@@ -50,6 +64,8 @@ def run_assign(router_dir: str | Path, out: str | Path, data: str | None = None,
     pipeline = load_base_pipeline(metadata["base_model"])
     dataset, _ = make_datasets(data, size, 1, metadata["resolution"], seed)
     encoder = PromptEncoder(router.config.prompt_encoder)
+    _reuse_training_cache(Path(router_dir), out, (data, size, seed) == (trained["data"], trained["train_size"],
+                                                                          trained["seed"]))
     cache = encode_dataset(dataset, pipeline.vae, lambda p: pipeline.encode_prompt(p, pipeline.device, 1, False)[0],
                            out / CACHE_FILE, encoder.encode)
     with torch.no_grad():
