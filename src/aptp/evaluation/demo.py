@@ -88,8 +88,7 @@ def run_baselines(config: DemoConfig, stages: Stages | None = None) -> dict[str,
     stages = stages or Stages(len(config.baselines))
     summary = json.loads((assign_dir / SUMMARY_FILE).read_text())
     all_rows = list(range(summary["samples"]))
-    experts = [e for e in summary["experts"] if e["samples"]]
-    total_steps = int(config.finetune.get("steps", FinetuneConfig.steps)) * len(experts)  # the mixture's budget
+    steps = int(config.finetune.get("steps", FinetuneConfig.steps))  # the same steps as every expert
     target = summary["mean_macs_fraction"]
     folders = {}
     for kind in config.baselines:
@@ -103,12 +102,12 @@ def run_baselines(config: DemoConfig, stages: Stages | None = None) -> dict[str,
                 _, single = load_router(folder / "prune" / "router")
                 expert = single["experts"][0]
                 _finetune_single(config, router_dir, expert["architecture"], expert["macs_fraction"], all_rows,
-                                 folder / "model", total_steps)
+                                 folder / "model", steps)
         elif kind in ("magnitude", "random"):
             def train(folder=folder, kind=kind):
                 chosen = _baseline_architecture(kind, router_dir, target, config.seed)
                 _finetune_single(config, router_dir, chosen["architecture"], chosen["macs_fraction"], all_rows,
-                                 folder / "model", total_steps)
+                                 folder / "model", steps)
         else:
             raise APTPError(f"unknown baseline {kind!r}; choose from {', '.join(BASELINES)}")
         stages.run(f"baseline {kind}", (folder / "model" / "config.json").is_file(), train)
