@@ -49,3 +49,18 @@ def test_teacher_round_trip_and_two_step_sample(tmp_path, text_encoder):
 def test_missing_teacher_folder_is_a_clear_error(tmp_path):
     with pytest.raises(APTPError, match="no teacher"):
         components.load_teacher(tmp_path)
+
+
+def test_shipped_teacher_is_small_fp16_and_samples_offline():
+    from safetensors import safe_open
+
+    files = [p for p in components.TEACHER_DIR.rglob("*") if p.is_file()]
+    assert (components.TEACHER_DIR / "model_index.json").is_file()
+    assert sum(p.stat().st_size for p in files) < 30 * 2**20
+    for weights in components.TEACHER_DIR.rglob("*.safetensors"):
+        with safe_open(weights, "pt") as handle:
+            assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"F16"}
+    teacher = components.load_teacher()
+    image = teacher('the word "SUN" in white on a blue background', num_inference_steps=2,
+                    generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
