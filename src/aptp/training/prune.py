@@ -80,6 +80,7 @@ class PruneConfig:
     log_every: int = 10
     validate_every: int = 100  # sample one validation prompt per code with its expert's gates (0: never)
     validation_steps: int = 10  # denoising steps of those samples
+    validation_guidance_scale: float = 4.0
     mixed_precision: str = "no"
 
     def __post_init__(self):
@@ -295,6 +296,7 @@ def validation_grid(state: PruneState, config: PruneConfig, path: Path) -> None:
         gates = state.macs_model.layout.gates_from_architecture(architecture).to(state.accelerator.device)
         with state.controller.use(gates):
             image = state.pipeline(prompt, num_inference_steps=config.validation_steps,
+                                   guidance_scale=config.validation_guidance_scale,
                                    generator=torch.Generator().manual_seed(config.seed), output_type="pt").images
         labels.append(f"expert {k} ({state.macs_model.macs_of(architecture) / state.macs_model.dense:.2f} MACs, "
                       f"{len(members)} val prompts): {prompt}")
