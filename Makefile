@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/aptp inspect tiny
+	$(BIN)/aptp teacher sample --out runs/demo-samples "a red circle on a white background" \
+		"three green stars on a black background" 'the word "SUN" in white on a blue background'
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
