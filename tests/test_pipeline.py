@@ -71,3 +71,28 @@ def test_bad_calls_are_clear_errors(aptp_pipeline):
         aptp_pipeline(["a red circle", "  "])
     with pytest.raises(APTPError, match="one entry per prompt"):
         aptp_pipeline(["a", "b"], generator=[torch.Generator()])
+
+
+def test_world_teacher_experts_batch_independently(tmp_path):
+    """The same on the shipped world teacher: three experts of different sizes, mixed prompts."""
+    from aptp.families.unet2d_condition import build_macs_model
+    from aptp.teacher.components import load_teacher
+    from aptp.units import uniform_width_architecture
+
+    base = load_teacher()
+    macs = build_macs_model(base.unet, (16, 16), 32)
+    router = PromptRouter(units=macs.layout.to_dict(), num_codes=3, prompt_dim=384, arch_dim=8, hidden_dim=16,
+                          hyper_hidden_dim=16)
+    with torch.no_grad():
+        router.codes.copy_(router.embed(PromptEncoder().encode(PROMPTS[:3])))
+    architectures = [uniform_width_architecture(macs, t) for t in (0.8, 0.6, 0.4)]
+    bank = APTPExpertBank.from_base(base.unet, architectures, macs, resolution=64)
+    pipeline = APTPPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                            scheduler=base.scheduler, router=router, experts=bank)
+    together = _generate(pipeline, PROMPTS, range(6))
+    assert len(set(together.experts)) == 3
+    alone = torch.cat([_generate(pipeline, [p], [i]).images for i, p in enumerate(PROMPTS)])
+    order = [5, 2, 0, 4, 1, 3]
+    shuffled = _generate(pipeline, [PROMPTS[i] for i in order], order).images
+    torch.testing.assert_close(alone, together.images, rtol=0, atol=1e-5)
+    torch.testing.assert_close(shuffled, together.images[order], rtol=0, atol=1e-5)
