@@ -50,3 +50,26 @@ def test_full_flow_from_the_cli(tmp_path, capsys):
     assert [r["truncated"] for r in record["images"]] == [False, False, True]
     assert main(["generate", "--pipeline", str(tmp_path / "pipeline"), "--out", str(tmp_path / "none")]) == 2
     assert "no prompts" in capsys.readouterr().err
+
+
+def test_finetune_resumes_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    from aptp.training.finetune import FinetuneConfig, run_finetune
+
+    pipeline = make_sd2_pipeline(tmp_path / "sd2")
+    export_imagefolder(tmp_path / "data", 16, "train", seed=0)
+    assert main(["prune", "--output-dir", str(tmp_path / "prune"), "--set", f"model={pipeline}",
+                 f"data={tmp_path / 'data'}", "train_size=12", "val_size=4", "steps=2", "warmup_steps=1",
+                 "batch_size=4", "num_codes=1", "arch_dim=8", "hidden_dim=16", "hyper_hidden_dim=16",
+                 "validate_every=0"]) == 0
+    router = tmp_path / "prune" / "router"
+    assert main(["assign", "--router", str(router), "--out", str(tmp_path / "assign")]) == 0
+    settings = dict(batch_size=4, checkpoint_every=1, validation_prompts=0)
+    straight = run_finetune(router, tmp_path / "assign", 0, tmp_path / "a", FinetuneConfig(steps=4, **settings))
+    # A run stopped after two steps leaves a checkpoint; the same command with the full length resumes it.
+    run_finetune(router, tmp_path / "assign", 0, tmp_path / "b", FinetuneConfig(steps=2, **settings))
+    resumed = run_finetune(router, tmp_path / "assign", 0, tmp_path / "b", FinetuneConfig(steps=4, **settings))
+    a = load_file(straight / "diffusion_pytorch_model.safetensors")
+    b = load_file(resumed / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
