@@ -165,7 +165,7 @@ def _verdict(models: dict) -> str:
 
 def run_demo(config: DemoConfig) -> Path:
     out = Path(config.output_dir)
-    stages = Stages(5 + len(config.baselines) + 1)
+    stages = Stages(4 + len(config.baselines) + 1)  # mixture stages, baselines, evaluation
     router_dir, assign_dir = out / "prune" / "router", out / "assign"
     stages.run("prune: router and experts under the budget", (router_dir / "experts.json").is_file(),
                lambda: run_prune(load_prune_config(None, {**_prune_overrides(config),
