@@ -5,7 +5,8 @@ import torch
 
 from aptp.config import parse_overrides
 from aptp.config import config_from_dict
-from aptp.teacher.train import UNetTrainConfig, _batch_indices
+from aptp.teacher.train import UNetTrainConfig
+from aptp.training.common import batch_index
 from aptp.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from aptp.utils import APTPError
 
@@ -55,11 +56,11 @@ def test_interrupted_swap_leaves_a_usable_checkpoint(tmp_path):
 
 def test_batches_cover_each_epoch_once():
     size, batch = 10, 4
-    indices = torch.cat([_batch_indices(step, batch, size, seed=3) for step in range(5)])
+    indices = torch.cat([batch_index(step, batch, size, 3, 0, 1) for step in range(5)])
     assert sorted(indices[:10].tolist()) == list(range(10))
     assert sorted(indices[10:20].tolist()) == list(range(10))
     assert not torch.equal(indices[:10], indices[10:20])  # reshuffled every epoch
-    assert torch.equal(_batch_indices(2, batch, size, seed=3), indices[8:12])
+    assert torch.equal(batch_index(2, batch, size, 3, 0, 1), indices[8:12])
 
 
 def test_overrides_are_typed_and_unknown_keys_rejected():

@@ -21,7 +21,7 @@ from .. import world
 from ..data import WorldImages
 from ..training.cache import EMPTY_PROMPT_INDEX, encode_dataset
 from ..training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from ..training.common import run_loop
+from ..training.common import batch_index, run_loop
 from .components import (
     UNET_CONFIG,
     assemble_pipeline,
@@ -72,17 +72,6 @@ def images_to_tensor(images) -> torch.Tensor:
     """PIL images -> float tensor (B, 3, H, W) in [-1, 1], the VAE's input range."""
     pixels = np.stack([np.asarray(image.convert("RGB")) for image in images])
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def _batch_indices(step: int, batch_size: int, size: int, seed: int) -> torch.Tensor:
-    """Dataset indices of batch ``step``: a fresh permutation of the dataset every epoch."""
-    positions = torch.arange(step * batch_size, (step + 1) * batch_size)
-    index = torch.empty(batch_size, dtype=torch.long)
-    for epoch in positions.div(size, rounding_mode="floor").unique().tolist():
-        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        in_epoch = positions.div(size, rounding_mode="floor") == epoch
-        index[in_epoch] = order[positions[in_epoch] % size]
-    return index
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
@@ -173,7 +162,7 @@ def train_unet(out: str | Path, vae_path: str | Path, config: UNetTrainConfig | 
 
     def step_fn(step: int) -> float:
         generator = _step_generator(config.seed, step)
-        index = _batch_indices(step, config.batch_size, size, config.seed)
+        index = batch_index(step, config.batch_size, size, config.seed, 0, 1)
         mean, std = cache["latent_mean"][index], cache["latent_std"][index]
         latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
         dropped = torch.rand(len(index), generator=generator) < config.caption_dropout
