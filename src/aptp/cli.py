@@ -251,11 +251,13 @@ def cmd_demo(args) -> int:
 
 def cmd_baselines(args) -> int:
     from .config import parse_overrides
-    from .evaluation.demo import demo_config, evaluate_demo, run_baselines
+    from .evaluation.demo import demo_config, evaluate_demo, quiet_loading, run_baselines
 
     config = demo_config(args.output_dir, parse_overrides(args.set))
-    run_baselines(config)
-    print(f"report: {evaluate_demo(config)}")
+    with quiet_loading():
+        run_baselines(config)
+        report = evaluate_demo(config)
+    print(f"report: {report}")
     return 0
 
 

@@ -9,10 +9,14 @@ evaluate everything side by side with the dense teacher -> report.
 from __future__ import annotations
 
 import json
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
 
 from ..config import UnitOptions
 from ..families import family_of
@@ -43,7 +47,7 @@ class DemoConfig:
 
 
 class Stages:
-    """Prints one line per stage, and skips the stages whose output exists."""
+    """Prints one line per stage with its run time, and skips the stages whose output exists."""
 
     def __init__(self, total: int):
         self.total, self.index = total, 0
@@ -51,10 +55,30 @@ class Stages:
     def run(self, name: str, done: bool, action) -> None:
         self.index += 1
         if done:
-            print(f"[{self.index}/{self.total}] {name}: done earlier, skipped")
+            print(f"[{self.index}/{self.total}] {name}: done earlier, skipped", flush=True)
             return
-        print(f"[{self.index}/{self.total}] {name}")
+        print(f"[{self.index}/{self.total}] {name}", flush=True)
+        start = time.perf_counter()
         action()
+        print(f"[{self.index}/{self.total}] {name}: {_minutes(time.perf_counter() - start)}", flush=True)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {seconds % 60:04.1f} s"
+
+
+@contextmanager
+def quiet_loading():
+    """Hide the per-file loading bars of diffusers and transformers, so the stage lines and the
+    training/sampling bars are the one progress display."""
+    libraries = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
+    for lib in libraries:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib in libraries:
+            lib.enable_progress_bar()
 
 
 def _finetune_config(config: DemoConfig, steps: int | None = None) -> FinetuneConfig:
@@ -164,6 +188,15 @@ def _verdict(models: dict) -> str:
 
 
 def run_demo(config: DemoConfig) -> Path:
+    """Run (or resume) every stage of the demo; returns the path of report.html."""
+    start = time.perf_counter()
+    with quiet_loading():
+        report = _run_stages(config)
+    print(f"demo finished in {_minutes(time.perf_counter() - start)}; everything is under {config.output_dir}")
+    return report
+
+
+def _run_stages(config: DemoConfig) -> Path:
     out = Path(config.output_dir)
     stages = Stages(4 + len(config.baselines) + 1)  # mixture stages, baselines, evaluation
     router_dir, assign_dir = out / "prune" / "router", out / "assign"
