@@ -115,3 +115,24 @@ def make_sd2_pipeline(folder, seed: int = 0):
                                        requires_safety_checker=False)
     pipeline.save_pretrained(folder / "pipeline")
     return folder / "pipeline"
+
+
+def make_tiny_clip(tmp_path):
+    """A tiny random ``CLIPModel`` folder (model, tokenizer, image processor) at ``tmp_path / 'clip'``."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    sd2 = tmp_path / "sd2"
+    if not (sd2 / "vocab.json").is_file():
+        make_sd2_pipeline(sd2)  # writes the tiny CLIP vocabulary beside the pipeline
+    tokenizer = CLIPTokenizer(str(sd2 / "vocab.json"), str(sd2 / "merges.txt"), model_max_length=16)
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32,
+                                     "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16},
+                        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                        projection_dim=8)
+    folder = tmp_path / "clip"
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

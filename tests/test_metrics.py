@@ -42,25 +42,11 @@ def _numpy_cmmd(x, y, sigma=10.0):
 
 def test_clip_score_and_cmmd_match_numpy(tmp_path):
     import numpy as np
-    from conftest import make_sd2_pipeline
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+    from conftest import make_tiny_clip
 
     from aptp.metrics.clip import CLIPEmbedder, clip_score, cmmd
 
-    make_sd2_pipeline(tmp_path / "sd2")  # writes the tiny CLIP vocabulary beside the pipeline
-    tokenizer = CLIPTokenizer(str(tmp_path / "sd2" / "vocab.json"), str(tmp_path / "sd2" / "merges.txt"),
-                              model_max_length=16)
-    torch.manual_seed(0)
-    config = CLIPConfig(text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32,
-                                     "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16},
-                        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-                        projection_dim=8)
-    folder = tmp_path / "clip"
-    CLIPModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-
+    folder = make_tiny_clip(tmp_path)
     embedder = CLIPEmbedder(folder)
     images = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     image_embeddings = embedder.images(images)

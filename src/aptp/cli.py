@@ -261,6 +261,27 @@ def cmd_baselines(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from .config import parse_overrides
+    from .evaluation.compare import EvalConfig, evaluate_folders
+    from .evaluation.demo import quiet_loading
+
+    folders = {}
+    for item in args.unet or []:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise APTPError(f"expected NAME=FOLDER for --unet, got {item!r}")
+        folders[name] = folder
+    settings = parse_overrides(args.set)
+    if args.clip:
+        settings["clip"] = args.clip
+    config = EvalConfig.from_dict(settings)
+    with quiet_loading():
+        report = evaluate_folders(args.pipeline, folders, config, args.out)
+    print(f"report: {report}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -361,6 +382,17 @@ def build_parser() -> argparse.ArgumentParser:
     baselines.add_argument("--output-dir", default="runs/demo", help="a demo folder with a finished mixture")
     baselines.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="same options as `aptp demo`")
     baselines.set_defaults(func=cmd_baselines)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="dense base vs APTPPipeline vs sliced UNets on the world test prompts, with a report")
+    evaluate.add_argument("--pipeline", required=True, help="an APTPPipeline folder (`aptp export`)")
+    evaluate.add_argument("--unet", nargs="*", metavar="NAME=FOLDER",
+                          help="more UNet folders of the same base model, e.g. static=runs/demo/baselines/static/model")
+    evaluate.add_argument("--clip", help="a local CLIPModel folder for CLIP score and CMMD (none: both are skipped)")
+    evaluate.add_argument("--out", default="runs/evaluate", help="report folder")
+    evaluate.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+                          help="per_category=64 steps=25 guidance_scale=4 seed=0 batch_size=64 latency_batch=8 ...")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     # Each folder owns its command group.
     add_world_parser(commands)

@@ -8,25 +8,32 @@ latency of one UNet call (timed interleaved across models) and images per second
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Mapping
 
 import torch
 from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from .. import world
+from ..config import config_from_dict
+from ..families import family_of
 from ..metrics.clip import CLIPEmbedder, clip_score, cmmd
 from ..metrics.fid import FIDInception, frechet_inception_distance
-from ..pipelines import pipeline_with_unet
+from ..pipelines import APTPPipeline, pipeline_with_unet
 from ..teacher.train import images_to_tensor
+from ..training.base_model import load_base_pipeline
+from ..utils import APTPError
+from .report import write_report
 
 
 @dataclass
 class EvalConfig:
-    per_category: int = 64
+    per_category: int = 64  # world test prompts per category (FID's N = 4 x this)
     steps: int = 25
     guidance_scale: float = 4.0
     seed: int = 0
@@ -34,6 +41,15 @@ class EvalConfig:
     latency_batch: int = 8
     latency_repeats: int = 5
     clip: str | None = None  # local CLIPModel folder for CLIP score and CMMD
+
+    def __post_init__(self):
+        for name in ("per_category", "steps", "batch_size", "latency_batch", "latency_repeats"):
+            if int(getattr(self, name)) < 1:
+                raise APTPError(f"evaluation {name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EvalConfig":
+        return config_from_dict(cls, data)
 
 
 @dataclass
@@ -45,6 +61,7 @@ class Candidate:
     generate: Callable[..., tuple[torch.Tensor, list[float], list[int]]]
     unets: list[torch.nn.Module]
     parameters: int
+    route: Callable[[list[str]], list[int]] | None = None  # UNet index per prompt; None: the first UNet
 
 
 def single_unet_candidate(name: str, base: StableDiffusionPipeline, unet, macs_fraction: float) -> Candidate:
@@ -68,7 +85,46 @@ def mixture_candidate(name: str, pipeline) -> Candidate:
         return result.images.float().cpu(), result.macs_fraction, result.experts
 
     return Candidate(name, generate, list(pipeline.experts.experts),
-                     sum(p.numel() for p in pipeline.experts.parameters()))
+                     sum(p.numel() for p in pipeline.experts.parameters()), route=pipeline.route)
+
+
+@torch.no_grad()
+def teacher_distance(candidates: list[Candidate], base: StableDiffusionPipeline, real: torch.Tensor,
+                     prompts: list[str], seed: int, batch_size: int) -> dict[str, list[float]]:
+    """Per prompt, the MSE between each candidate's prediction and the dense teacher's on the real image's
+    latents noised at one random training timestep (same noise and timestep for every candidate).
+
+    It is what the pruning phase's distillation loss sees, so it tells which prompts are hard *for the
+    objective*, which need not be the prompts that are hard by eye."""
+    generator = torch.Generator().manual_seed(seed)
+    device, dtype = base.unet.device, base.unet.dtype
+    distances: dict[str, list[float]] = {c.name: [] for c in candidates}
+    routes = {c.name: c.route(prompts) if c.route else [0] * len(prompts) for c in candidates}
+    for start in range(0, len(prompts), batch_size):
+        pixels = real[start:start + batch_size].to(device, base.vae.dtype) * 2 - 1
+        latents = base.vae.encode(pixels).latent_dist.mean * base.vae.config.scaling_factor
+        timesteps = torch.randint(0, base.scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+        noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+        noisy = base.scheduler.add_noise(latents, noise, timesteps.to(device)).to(dtype)
+        text = base.encode_prompt(prompts[start:start + batch_size], device, 1, False)[0].to(dtype)
+        timesteps = timesteps.to(device)
+        reference = base.unet(noisy, timesteps, text).sample.float()
+        for candidate in candidates:
+            index = torch.tensor(routes[candidate.name][start:start + batch_size])
+            error = torch.empty(len(latents))
+            for k in index.unique().tolist():
+                rows = (index == k).nonzero().flatten()
+                predicted = candidate.unets[k](noisy[rows], timesteps[rows], text[rows]).sample.float()
+                error[rows] = (predicted - reference[rows]).pow(2).flatten(1).mean(1).cpu()
+            distances[candidate.name] += error.tolist()
+    return distances
+
+
+def _by_category(values: list[float], samples) -> dict[str, float]:
+    """Mean of a per-prompt value in every category, and ``overall``."""
+    means = {c: statistics.mean(v for v, s in zip(values, samples) if s.category == c)
+             for c in world.CATEGORIES if any(s.category == c for s in samples)}
+    return {**means, "overall": statistics.mean(values)}
 
 
 @torch.no_grad()
@@ -81,8 +137,10 @@ def _unet_latency(unets: list[torch.nn.Module], inputs: dict) -> list[float]:
     return timings
 
 
-def evaluate_candidates(candidates: list[Candidate], config: EvalConfig, family, text_length: int):
-    """Metrics of every candidate, plus the generated images and the test samples (for grids)."""
+def evaluate_candidates(candidates: list[Candidate], config: EvalConfig, family, text_length: int,
+                        base: StableDiffusionPipeline | None = None):
+    """Metrics of every candidate, plus the generated images and the test samples (for grids).
+    With ``base`` (the dense pipeline), also each candidate's distance to the teacher by category."""
     samples = world.generate(config.per_category * len(world.CATEGORIES), "test", seed=config.seed)
     prompts = [s.prompt for s in samples]
     real = (images_to_tensor(s.image for s in samples) + 1) / 2
@@ -117,15 +175,17 @@ def evaluate_candidates(candidates: list[Candidate], config: EvalConfig, family,
             metrics["routing"] = {
                 category: [sum(1 for u, s in zip(used, samples) if u == k and s.category == category)
                            for k in range(len(candidate.unets))] for category in world.CATEGORIES}
-            metrics["macs_fraction_by_category"] = {
-                category: statistics.mean(f for f, s in zip(fractions, samples) if s.category == category)
-                for category in world.CATEGORIES}
+            metrics["macs_fraction_by_category"] = _by_category(fractions, samples)
             metrics["unet_index"] = used
         if embedder:
             fake_clip = embedder.images(fake)
             metrics["clip_score"] = clip_score(fake_clip, embedder.texts(prompts))
             metrics["cmmd"] = cmmd(real_clip, fake_clip)
         results[candidate.name] = metrics
+    if base is not None:
+        distances = teacher_distance(candidates, base, real, prompts, config.seed, config.batch_size)
+        for name, values in distances.items():
+            results[name]["teacher_mse"] = _by_category(values, samples)
     _add_latency(candidates, results, config, family, text_length)
     return {
         "evaluation": {**asdict(config), "n_images": len(prompts), "resolution": int(real.shape[-1]),
@@ -151,3 +211,67 @@ def _add_latency(candidates: list[Candidate], results: dict, config: EvalConfig,
         per_unet = [statistics.median(r[i] for r in rounds[candidate.name]) for i in range(len(candidate.unets))]
         share = results[candidate.name]["unet_share"]
         results[candidate.name]["unet_latency_ms"] = 1e3 * sum(t * w for t, w in zip(per_unet, share))
+
+
+def load_unet_folder(folder: str | Path, base: StableDiffusionPipeline, family, sample_size: tuple[int, int],
+                     text_length: int):
+    """A sliced (or dense) UNet folder of the same base model, and its MACs fraction of the base UNet
+    (one forward at ``sample_size`` latents and ``text_length`` tokens)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise APTPError(f"{folder} is not a UNet folder (no config.json)")
+    unet = family.APTPUNet2DConditionModel.from_pretrained(folder).eval()
+    ignored = ("aptp_widths",)
+    own = {k: v for k, v in unet.config.items() if not k.startswith("_") and k not in ignored}
+    theirs = {k: v for k, v in base.unet.config.items() if not k.startswith("_") and k not in ignored}
+    different = sorted(k for k in own if k in theirs and json.dumps(own[k]) != json.dumps(theirs[k]))
+    if different:
+        raise APTPError(f"{folder} was not carved from this base model (config differs in {different})")
+    dense = family.measure_macs(base.unet, sample_size, text_length)
+    fraction = family.measure_macs(unet, sample_size, text_length) / dense
+    return unet, fraction
+
+
+def evaluate_folders(pipeline_dir: str | Path, unet_folders: Mapping[str, str | Path], config: EvalConfig,
+                     out: str | Path, extra: dict | None = None) -> Path:
+    """Evaluate the dense base model, an ``APTPPipeline`` folder (as ``APTP``) and sliced UNet folders
+    (e.g. baselines) side by side on the world's test prompts; write the report under ``out`` and return
+    the path of ``report.html``."""
+    pipeline_dir = Path(pipeline_dir)
+    if not (pipeline_dir / "model_index.json").is_file():
+        raise APTPError(f"{pipeline_dir} is not an APTPPipeline folder (no model_index.json); see `aptp export`")
+    for name in unet_folders:
+        if name in ("dense", "APTP"):
+            raise APTPError(f"the name {name!r} is taken; give the UNet folder another name")
+    mixture = APTPPipeline.from_pretrained(pipeline_dir)
+    mixture.set_progress_bar_config(disable=True)
+    metadata = mixture.router.config.metadata
+    base = load_base_pipeline(metadata["base_model"])
+    family = family_of(base.unet)
+    candidates = [single_unet_candidate("dense", base, base.unet, 1.0), mixture_candidate("APTP", mixture)]
+    for name, folder in unet_folders.items():
+        unet, fraction = load_unet_folder(folder, base, family, tuple(metadata["latent_size"]),
+                                          metadata["text_length"])
+        candidates.append(single_unet_candidate(name, base, unet, fraction))
+    if not config.clip:
+        print("CLIP score and CMMD: skipped (no local CLIP folder given; pass one with clip=PATH / --clip PATH)")
+    metrics, images, samples = evaluate_candidates(candidates, config, family, metadata["text_length"], base)
+    fractions = [mixture.experts.macs_fraction(k) for k in range(len(mixture.experts))]
+    metrics["verdict"] = verdict(metrics["models"])
+    metrics.update(extra or {})
+    return write_report(out, metrics, images, samples, mixture="APTP", expert_fractions=fractions,
+                        verdict=metrics["verdict"])
+
+
+def verdict(models: dict) -> str:
+    """One sentence: did the routed mixture beat static pruning (on both FID and world accuracy)?"""
+    if "APTP" not in models or "static" not in models:
+        return ""
+    a, s = models["APTP"], models["static"]
+    better = [name for name, x, y in (("FID", -a["fid"], -s["fid"]),
+                                      ("world accuracy", a["world_accuracy"]["overall"],
+                                       s["world_accuracy"]["overall"])) if x > y]
+    return (f"At {a['macs_fraction']:.3f} (mixture) vs {s['macs_fraction']:.3f} (static) of dense MACs, the routed "
+            f"mixture {'beat' if len(better) == 2 else 'did not beat'} static pruning on this world "
+            f"(FID {a['fid']:.1f} vs {s['fid']:.1f}; world accuracy {a['world_accuracy']['overall']:.3f} vs "
+            f"{s['world_accuracy']['overall']:.3f}).")

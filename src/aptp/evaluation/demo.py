@@ -20,7 +20,6 @@ from transformers.utils import logging as transformers_logging
 
 from ..config import UnitOptions
 from ..families import family_of
-from ..pipelines import APTPPipeline
 from ..pipelines.build import build_pipeline
 from ..training.assign import SUMMARY_FILE, load_router, run_assign
 from ..training.base_model import WORLD, load_base_pipeline
@@ -28,8 +27,7 @@ from ..training.finetune import FinetuneConfig, expert_folder, finetune_architec
 from ..training.prune import load_prune_config, run_prune
 from ..units import uniform_width_architecture
 from ..utils import APTPError, write_json_atomic
-from .compare import EvalConfig, evaluate_candidates, mixture_candidate, single_unet_candidate
-from .report import write_report
+from .compare import EvalConfig, evaluate_folders
 
 BASELINES = ("static", "magnitude", "random")
 
@@ -89,7 +87,7 @@ def _finetune_config(config: DemoConfig, steps: int | None = None) -> FinetuneCo
 
 
 def _baseline_architecture(kind: str, router_dir: Path, target: float, seed: int) -> dict:
-    router, experts = load_router(router_dir)
+    router, _ = load_router(router_dir)
     metadata = router.config.metadata
     base = load_base_pipeline(metadata["base_model"])
     family = family_of(base.unet)
@@ -154,37 +152,9 @@ def _prune_overrides(config: DemoConfig) -> dict:
 def evaluate_demo(config: DemoConfig) -> Path:
     """Evaluate dense, mixture and baselines side by side; write the report; return report.html."""
     out = Path(config.output_dir)
-    mixture = APTPPipeline.from_pretrained(out / "pipeline")
-    mixture.set_progress_bar_config(disable=True)
-    base = load_base_pipeline(mixture.router.config.metadata["base_model"])
-    family = family_of(base.unet)
-    candidates = [single_unet_candidate("dense", base, base.unet, 1.0), mixture_candidate("APTP", mixture)]
-    for kind in config.baselines:
-        folder = out / "baselines" / kind / "model"
-        info = json.loads((folder / "aptp_expert.json").read_text())
-        unet = family.APTPUNet2DConditionModel.from_pretrained(folder).eval()
-        candidates.append(single_unet_candidate(kind, base, unet, info["macs_fraction"]))
-    evaluation = EvalConfig(seed=config.seed, **config.evaluation)
-    metrics, images, samples = evaluate_candidates(candidates, evaluation, family,
-                                                   mixture.router.config.metadata["text_length"])
-    fractions = [mixture.experts.macs_fraction(k) for k in range(len(mixture.experts))]
-    metrics["verdict"] = _verdict(metrics["models"])
-    metrics["demo"] = asdict(config)
-    return write_report(out / "report", metrics, images, samples, mixture="APTP", expert_fractions=fractions,
-                        verdict=metrics["verdict"])
-
-
-def _verdict(models: dict) -> str:
-    if "APTP" not in models or "static" not in models:
-        return ""
-    a, s = models["APTP"], models["static"]
-    better = [name for name, x, y in (("FID", -a["fid"], -s["fid"]),
-                                      ("world accuracy", a["world_accuracy"]["overall"],
-                                       s["world_accuracy"]["overall"])) if x > y]
-    return (f"At {a['macs_fraction']:.3f} (mixture) vs {s['macs_fraction']:.3f} (static) of dense MACs, the routed "
-            f"mixture {'beat' if len(better) == 2 else 'did not beat'} static pruning on this world "
-            f"(FID {a['fid']:.1f} vs {s['fid']:.1f}; world accuracy {a['world_accuracy']['overall']:.3f} vs "
-            f"{s['world_accuracy']['overall']:.3f}).")
+    folders = {kind: out / "baselines" / kind / "model" for kind in config.baselines}
+    return evaluate_folders(out / "pipeline", folders, EvalConfig.from_dict({"seed": config.seed, **config.evaluation}),
+                            out / "report", {"demo": asdict(config)})
 
 
 def run_demo(config: DemoConfig) -> Path:
@@ -238,4 +208,11 @@ def demo_config(output_dir: str | None = None, overrides: dict | None = None) ->
             config = replace(config, **{key: tuple(value) if key == "baselines" else value})
         else:
             raise APTPError(f"unknown demo option {key!r}")
+    # Unknown or bad options fail now, not after the stages before them have run.
+    unknown = sorted(set(config.baselines) - set(BASELINES))
+    if unknown:
+        raise APTPError(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}")
+    load_prune_config(None, _prune_overrides(config))
+    _finetune_config(config)
+    EvalConfig.from_dict(config.evaluation)
     return config

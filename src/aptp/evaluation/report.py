@@ -87,16 +87,36 @@ def write_report(out: str | Path, metrics: dict, images: dict[str, torch.Tensor]
                                 f"expert-{k}.png"))
     evaluation = metrics["evaluation"]
     categories = list(world.CATEGORIES)
+    with_clip = all("clip_score" in m for m in models.values())
     rows = [[name, f"{m['macs_fraction']:.3f}", f"{m['fid']:.1f}"]
             + [f"{m['world_accuracy'].get(c, float('nan')):.3f}" for c in categories]
-            + [f"{m['world_accuracy']['overall']:.3f}", f"{m['parameters'] / 1e6:.2f} M",
-               f"{m['unet_latency_ms']:.1f}", f"{m['images_per_s']:.2f}"]
+            + [f"{m['world_accuracy']['overall']:.3f}"]
+            + ([f"{m['clip_score']:.2f}", f"{m['cmmd']:.3f}"] if with_clip else [])
+            + [f"{m['parameters'] / 1e6:.2f} M", f"{m['unet_latency_ms']:.1f}", f"{m['images_per_s']:.2f}"]
             for name, m in models.items()]
     real = metrics["world_accuracy_real_images"]
     rows.append(["real images (evaluator ceiling)", "", ""] + [f"{real.get(c, float('nan')):.3f}" for c in categories]
-                + [f"{real['overall']:.3f}", "", "", ""])
+                + [f"{real['overall']:.3f}"] + ["", ""] * with_clip + ["", "", ""])
     header = ["model", "MACs fraction", f"FID (N={evaluation['n_images']})"] + [f"acc. {c}" for c in categories] + \
-             ["acc. overall", "parameters", f"UNet call (ms, batch {evaluation['latency_batch']})", "images/s"]
+             ["acc. overall"] + ["CLIP score", "CMMD"] * with_clip + \
+             ["parameters", f"UNet call (ms, batch {evaluation['latency_batch']})", "images/s"]
+    clip_note = "" if with_clip else "<p>CLIP score and CMMD: not measured (no local CLIP folder was given).</p>"
+    routing_table = ""
+    if mixture and "routing" in models.get(mixture, {}):
+        m = models[mixture]
+        routing_rows = [[c] + [str(n) for n in m["routing"][c]] + [f"{m['macs_fraction_by_category'][c]:.3f}"]
+                        for c in categories]
+        routing_table = "<h2>Routing by category</h2>" + _table(
+            routing_rows, ["category"] + [f"expert {k} ({f:.2f} MACs)" for k, f in enumerate(expert_fractions or [])]
+            + ["mean MACs fraction"])
+    distance_table = ""
+    if all("teacher_mse" in m for m in models.values()):
+        distance_table = (
+            "<h2>Distance to the dense teacher by category</h2><p>MSE between each model's prediction and the "
+            "dense teacher's on the real test images' latents, noised at one random training timestep: what "
+            "the pruning phase's distillation loss sees.</p>" + _table(
+                [[name] + [f"{m['teacher_mse'].get(c, float('nan')):.4f}" for c in categories + ["overall"]]
+                 for name, m in models.items()], ["model"] + categories + ["overall"]))
     body = "".join(f"<h2>{html.escape(t)}</h2><img src='{f}' alt='{html.escape(t)}'>" for t, f in figures)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>aptp report</title>
@@ -108,6 +128,9 @@ img{{max-width:100%;border:1px solid #eee}}</style></head><body>
 <p>{html.escape(evaluation['fid_reference'])}; {evaluation['steps']} sampling steps, guidance
 {evaluation['guidance_scale']}, seed {evaluation['seed']}.</p>
 {_table(rows, header)}
+{clip_note}
+{routing_table}
+{distance_table}
 {body}
 </body></html>"""
     (out / "report.html").write_text(page)
