@@ -254,7 +254,8 @@ def evaluate_folders(pipeline_dir: str | Path, unet_folders: Mapping[str, str | 
                                           metadata["text_length"])
         candidates.append(single_unet_candidate(name, base, unet, fraction))
     if not config.clip:
-        print("CLIP score and CMMD: skipped (no local CLIP folder given; pass one with clip=PATH / --clip PATH)")
+        print("CLIP score and CMMD: skipped (no local CLIP folder given: `aptp evaluate --clip PATH`, "
+              "`aptp demo --set evaluation.clip=PATH`)")
     metrics, images, samples = evaluate_candidates(candidates, config, family, metadata["text_length"], base)
     fractions = [mixture.experts.macs_fraction(k) for k in range(len(mixture.experts))]
     metrics["verdict"] = verdict(metrics["models"])

@@ -106,6 +106,8 @@ def write_report(out: str | Path, metrics: dict, images: dict[str, torch.Tensor]
         m = models[mixture]
         routing_rows = [[c] + [str(n) for n in m["routing"][c]] + [f"{m['macs_fraction_by_category'][c]:.3f}"]
                         for c in categories]
+        totals = [sum(m["routing"][c][k] for c in categories) for k in range(len(m["unet_share"]))]
+        routing_rows.append(["all prompts"] + [str(n) for n in totals] + [f"{m['macs_fraction']:.3f}"])
         routing_table = "<h2>Routing by category</h2>" + _table(
             routing_rows, ["category"] + [f"expert {k} ({f:.2f} MACs)" for k, f in enumerate(expert_fractions or [])]
             + ["mean MACs fraction"])
@@ -113,8 +115,8 @@ def write_report(out: str | Path, metrics: dict, images: dict[str, torch.Tensor]
     if all("teacher_mse" in m for m in models.values()):
         distance_table = (
             "<h2>Distance to the dense teacher by category</h2><p>MSE between each model's prediction and the "
-            "dense teacher's on the real test images' latents, noised at one random training timestep: what "
-            "the pruning phase's distillation loss sees.</p>" + _table(
+            "dense teacher's on the real test images' latents, noised at one random training timestep: the "
+            "quantity the output-distillation loss of pruning and fine-tuning minimises.</p>" + _table(
                 [[name] + [f"{m['teacher_mse'].get(c, float('nan')):.4f}" for c in categories + ["overall"]]
                  for name, m in models.items()], ["model"] + categories + ["overall"]))
     body = "".join(f"<h2>{html.escape(t)}</h2><img src='{f}' alt='{html.escape(t)}'>" for t, f in figures)
@@ -134,4 +136,4 @@ img{{max-width:100%;border:1px solid #eee}}</style></head><body>
 {body}
 </body></html>"""
     (out / "report.html").write_text(page)
-    return out / "report.html"
+    return (out / "report.html").resolve()
