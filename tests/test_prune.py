@@ -110,3 +110,47 @@ def test_interrupted_prune_resumes_exactly(tmp_path, monkeypatch):
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
     assert straight["macs_fraction"] == resumed["macs_fraction"]
+
+
+@pytest.mark.slow
+def test_harder_prompts_get_the_bigger_expert(tmp_path):
+    """On the world teacher, half the data are world images (objects, counts, words) and half are flat
+    colours captioned "nothing at all". The router must separate the two groups, and the pruning
+    phase must give the world prompts, which lose more when pruned, the larger expert."""
+    import random
+
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from aptp import world
+    from aptp.training.assign import load_router
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = []
+    hard = [s for s in world.generate(4000, "train", seed=0) if s.category in ("text", "count")][:1000]
+    for i, sample in enumerate(hard):
+        sample.image.save(data / f"{i:05d}.png")
+        rows.append({"file_name": f"{i:05d}.png", "text": sample.prompt})
+    colours = [(245, 245, 245), (20, 20, 20), (40, 80, 220), (128, 128, 128), (220, 40, 40)]
+    for i in range(len(hard), 2 * len(hard)):
+        Image.new("RGB", (64, 64), colours[i % len(colours)]).save(data / f"{i:05d}.png")
+        rows.append({"file_name": f"{i:05d}.png", "text": "nothing at all"})
+    random.Random(0).shuffle(rows)
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    out = tmp_path / "prune"
+    assert main(["prune", "--config", "world", "--output-dir", str(out), "--set", f"data={data}", "num_codes=2",
+                 "steps=150", "warmup_steps=15", "train_size=1800", "val_size=200", "validate_every=0"]) == 0
+    experts = json.loads((out / "router" / "experts.json").read_text())["experts"]
+    router, _ = load_router(out / "router")
+    cache = load_file(out / "cache" / "val.safetensors")
+    prompts = json.loads((out / "cache" / "val.json").read_text())["prompts"]
+    index = cache["prompt_index"]
+    routes = router.route(cache["prompt_embeddings"][index]).tolist()
+    empty = [prompts[i] == "nothing at all" for i in index.tolist()]
+    easy_code = {r for r, e in zip(routes, empty) if e}
+    hard_code = {r for r, e in zip(routes, empty) if not e}
+    assert len(easy_code) == len(hard_code) == 1 and easy_code != hard_code  # the groups are separated
+    easy, hard = experts[easy_code.pop()]["macs_fraction"], experts[hard_code.pop()]["macs_fraction"]
+    assert hard > easy + 0.03, (hard, easy)
