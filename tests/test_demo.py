@@ -31,9 +31,14 @@ def test_demo_runs_resumes_and_writes_a_report(tmp_path, capsys):
     assert metrics["evaluation"]["n_images"] == 8
     for png in ("quality_vs_macs.png", "samples.png", "routing.png"):
         assert (out / "report" / png).is_file()
-    # Run again: every finished stage is skipped.
+    # Run again: every finished stage is skipped, the evaluation too (its settings are unchanged)...
     assert main(["demo", "--output-dir", str(out), "--set", *settings]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done earlier, skipped") == 8 and f"report: {out / 'report' / 'report.html'}" in printed
+    # ...but other evaluation settings evaluate again.
+    assert main(["demo", "--output-dir", str(out), "--set", *settings[:-1], "evaluation.latency_repeats=2"]) == 0
     assert capsys.readouterr().out.count("done earlier, skipped") == 7
+    assert json.loads((out / "report" / "metrics.json").read_text())["evaluation"]["latency_repeats"] == 2
 
     # The same models through `aptp evaluate`, with CLIP score and CMMD from a tiny local CLIP.
     clip = make_tiny_clip(tmp_path)

@@ -63,7 +63,6 @@ def write_report(out: str | Path, metrics: dict, images: dict[str, torch.Tensor]
     """Write everything under ``out`` and return the path of ``report.html``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "metrics.json", metrics)
     models = metrics["models"]
     _plot_quality_vs_macs(models, out / "quality_vs_macs.png")
     picked = [i for c in world.CATEGORIES for i in [j for j, s in enumerate(samples) if s.category == c]
@@ -136,4 +135,5 @@ img{{max-width:100%;border:1px solid #eee}}</style></head><body>
 {body}
 </body></html>"""
     (out / "report.html").write_text(page)
+    write_json_atomic(out / "metrics.json", metrics)  # last: its presence means the report is complete
     return (out / "report.html").resolve()
