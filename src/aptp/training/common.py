@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import CaptionedImages, WorldImages, load_cc3m, load_coco, load_imagefolder
@@ -64,6 +65,33 @@ def snr_weights(scheduler, timesteps, gamma: float | None) -> torch.Tensor | Non
     snr = alphas / (1 - alphas)
     weight = torch.clamp(snr, max=gamma) / snr
     return weight + 1 if scheduler.config.prediction_type == "v_prediction" else weight
+
+
+def noised_batch(cache: dict, rows: torch.Tensor, scheduler, scaling: float, generator: torch.Generator,
+                 device) -> dict[str, torch.Tensor]:
+    """Rows ``rows`` of an encoded dataset (:func:`~aptp.training.cache.encode_dataset`), noised at random
+    training timesteps: ``latents`` (a sample of each posterior), ``text``, ``timesteps``, ``noisy`` and the
+    model's ``target``. Every random draw comes from the CPU ``generator``, so a step is reproducible."""
+    mean, std = cache["latent_mean"][rows], cache["latent_std"][rows]
+    latents = ((mean + std * torch.randn(mean.shape, generator=generator)) * scaling).to(device)
+    text = cache["text_states"][cache["prompt_index"][rows]].float().to(device)
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(rows),), generator=generator).to(device)
+    return {"latents": latents, "text": text, "timesteps": timesteps,
+            "noisy": scheduler.add_noise(latents, noise, timesteps),
+            "target": diffusion_target(scheduler, latents, noise, timesteps)}
+
+
+def task_losses(scheduler, batch: dict, student: torch.Tensor, teacher: torch.Tensor, student_blocks: dict,
+                teacher_blocks: dict, min_snr_gamma: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The diffusion loss (optionally min-SNR weighted), output distillation and the mean block
+    distillation of a student prediction against the dense teacher's, on a :func:`noised_batch`."""
+    per_sample = F.mse_loss(student.float(), batch["target"].float(), reduction="none").mean(dim=(1, 2, 3))
+    weights = snr_weights(scheduler, batch["timesteps"], min_snr_gamma)
+    ddpm = (per_sample * weights).mean() if weights is not None else per_sample.mean()
+    distill = F.mse_loss(student.float(), teacher.float())
+    blocks = sum(F.mse_loss(student_blocks[k].float(), teacher_blocks[k].float()) for k in teacher_blocks)
+    return ddpm, distill, blocks / max(1, len(teacher_blocks))
 
 
 class BlockRecorder:

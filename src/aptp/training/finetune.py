@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
@@ -27,7 +26,7 @@ from ..utils import APTPError, write_json_atomic
 from .assign import CACHE_FILE, load_router, shard_file
 from .base_model import load_base_pipeline
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from .common import BlockRecorder, batch_index, diffusion_target, run_loop, snr_weights
+from .common import BlockRecorder, batch_index, noised_batch, run_loop, task_losses
 
 
 @dataclass
@@ -109,25 +108,13 @@ def finetune_architecture(base_model: str, options: UnitOptions, architecture: d
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 131 + accelerator.process_index)
         picked = rows[batch_index(step, config.batch_size, len(rows), config.seed, accelerator.process_index,
                                   accelerator.num_processes)]
-        mean, std = cache["latent_mean"][picked], cache["latent_std"][picked]
-        latents = ((mean + std * torch.randn(mean.shape, generator=generator)) * scaling).to(device)
-        text = cache["text_states"][cache["prompt_index"][picked]].float().to(device)
-        noise = torch.randn(latents.shape, generator=generator).to(device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(picked),), generator=generator)
-        timesteps = timesteps.to(device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
+        batch = noised_batch(cache, picked, scheduler, scaling, generator, device)
         with torch.no_grad():
-            dense = teacher(noisy, timesteps, text).sample
-        predicted = student(noisy, timesteps, text).sample
-        target = diffusion_target(scheduler, latents, noise, timesteps)
-        per_sample = F.mse_loss(predicted.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        weights = snr_weights(scheduler, timesteps, config.min_snr_gamma)
-        ddpm = (per_sample * weights).mean() if weights is not None else per_sample.mean()
-        distill = F.mse_loss(predicted.float(), dense.float())
-        dense_features, features = teacher_blocks.take(), student_blocks.take()
-        blocks = sum(F.mse_loss(features[k].float(), dense_features[k].float()) for k in dense_features)
-        loss = (config.lambda_ddpm * ddpm + config.lambda_distill * distill
-                + config.lambda_blocks * blocks / max(1, len(dense_features)))
+            dense = teacher(batch["noisy"], batch["timesteps"], batch["text"]).sample
+        predicted = student(batch["noisy"], batch["timesteps"], batch["text"]).sample
+        ddpm, distill, blocks = task_losses(scheduler, batch, predicted, dense, student_blocks.take(),
+                                            teacher_blocks.take(), config.min_snr_gamma)
+        loss = config.lambda_ddpm * ddpm + config.lambda_distill * distill + config.lambda_blocks * blocks
         accelerator.backward(loss)
         if config.grad_clip:
             accelerator.clip_grad_norm_(student.parameters(), config.grad_clip)

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -30,7 +29,7 @@ from ..utils import APTPError, write_json_atomic
 from .base_model import load_base_pipeline
 from .cache import encode_dataset
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from .common import WORLD, BlockRecorder, batch_index, diffusion_target, make_datasets, run_loop, snr_weights
+from .common import WORLD, BlockRecorder, batch_index, make_datasets, noised_batch, run_loop, task_losses
 
 
 @dataclass
@@ -204,16 +203,10 @@ def prune_step(config: PruneConfig, state: PruneState, step: int) -> dict[str, f
     size = len(state.train["prompt_index"])
     index = batch_index(step, config.batch_size, size, config.seed, accelerator.process_index,
                          accelerator.num_processes)
-    mean, std = state.train["latent_mean"][index], state.train["latent_std"][index]
-    latents = (mean + std * torch.randn(mean.shape, generator=generator)) * state.pipeline.vae.config.scaling_factor
-    prompt_index = state.train["prompt_index"][index]
-    text = state.train["text_states"][prompt_index].float().to(device)
-    prompt_embeddings = state.train["prompt_embeddings"][prompt_index].to(device)
-    noise = torch.randn(latents.shape, generator=generator)
-    timesteps = torch.randint(0, state.scheduler.config.num_train_timesteps, (len(index),), generator=generator)
-    latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
-    noisy = state.scheduler.add_noise(latents, noise, timesteps)
-    target = diffusion_target(state.scheduler, latents, noise, timesteps)
+    batch = noised_batch(state.train, index, state.scheduler, state.pipeline.vae.config.scaling_factor, generator,
+                         device)
+    noisy, timesteps, text = batch["noisy"], batch["timesteps"], batch["text"]
+    prompt_embeddings = state.train["prompt_embeddings"][state.train["prompt_index"][index]].to(device)
 
     warming_up = step < config.warmup_steps
     # Through the wrapper: under DDP this is what synchronises the router's gradients. The gate seed is
@@ -236,12 +229,8 @@ def prune_step(config: PruneConfig, state: PruneState, step: int) -> dict[str, f
         with state.controller.use(gates):
             student = unet(noisy, timesteps, text).sample
             student_blocks = state.recorder.take()
-        weights = snr_weights(state.scheduler, timesteps, config.min_snr_gamma)
-        per_sample = F.mse_loss(student.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        ddpm = (per_sample * weights).mean() if weights is not None else per_sample.mean()
-        distill = F.mse_loss(student.float(), teacher.float())
-        blocks = sum(F.mse_loss(student_blocks[k].float(), teacher_blocks[k].float()) for k in teacher_blocks)
-        blocks = blocks / max(1, len(teacher_blocks))
+        ddpm, distill, blocks = task_losses(state.scheduler, batch, student, teacher, student_blocks, teacher_blocks,
+                                            config.min_snr_gamma)
     fraction = state.macs_model.fraction(gates.double()).float()
     resource = resource_loss(fraction, config.budget)
     contrastive = contrastive_loss(arch, prompt_embeddings, config.contrastive_temperature)
