@@ -213,23 +213,17 @@ def _add_latency(candidates: list[Candidate], results: dict, config: EvalConfig,
         results[candidate.name]["unet_latency_ms"] = 1e3 * sum(t * w for t, w in zip(per_unet, share))
 
 
-def load_unet_folder(folder: str | Path, base: StableDiffusionPipeline, family, sample_size: tuple[int, int],
-                     text_length: int):
-    """A sliced (or dense) UNet folder of the same base model, and its MACs fraction of the base UNet
-    (one forward at ``sample_size`` latents and ``text_length`` tokens)."""
+def load_unet_folder(folder: str | Path, base_unet, family):
+    """A sliced (or dense) UNet folder; refused unless it was carved from ``base_unet``."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise APTPError(f"{folder} is not a UNet folder (no config.json)")
     unet = family.APTPUNet2DConditionModel.from_pretrained(folder).eval()
-    ignored = ("aptp_widths",)
-    own = {k: v for k, v in unet.config.items() if not k.startswith("_") and k not in ignored}
-    theirs = {k: v for k, v in base.unet.config.items() if not k.startswith("_") and k not in ignored}
+    own, theirs = family.base_config(unet.config), family.base_config(base_unet.config)
     different = sorted(k for k in own if k in theirs and json.dumps(own[k]) != json.dumps(theirs[k]))
     if different:
         raise APTPError(f"{folder} was not carved from this base model (config differs in {different})")
-    dense = family.measure_macs(base.unet, sample_size, text_length)
-    fraction = family.measure_macs(unet, sample_size, text_length) / dense
-    return unet, fraction
+    return unet
 
 
 def evaluate_folders(pipeline_dir: str | Path, unet_folders: Mapping[str, str | Path], config: EvalConfig,
@@ -249,14 +243,16 @@ def evaluate_folders(pipeline_dir: str | Path, unet_folders: Mapping[str, str | 
     base = load_base_pipeline(metadata["base_model"])
     family = family_of(base.unet)
     candidates = [single_unet_candidate("dense", base, base.unet, 1.0), mixture_candidate("APTP", mixture)]
+    size, text_length = tuple(metadata["latent_size"]), metadata["text_length"]
+    dense_macs = family.measure_macs(base.unet, size, text_length)
     for name, folder in unet_folders.items():
-        unet, fraction = load_unet_folder(folder, base, family, tuple(metadata["latent_size"]),
-                                          metadata["text_length"])
-        candidates.append(single_unet_candidate(name, base, unet, fraction))
+        unet = load_unet_folder(folder, base.unet, family)
+        candidates.append(single_unet_candidate(name, base, unet, family.measure_macs(unet, size, text_length)
+                                                / dense_macs))
     if not config.clip:
         print("CLIP score and CMMD: skipped (no local CLIP folder given: `aptp evaluate --clip PATH`, "
               "`aptp demo --set evaluation.clip=PATH`)")
-    metrics, images, samples = evaluate_candidates(candidates, config, family, metadata["text_length"], base)
+    metrics, images, samples = evaluate_candidates(candidates, config, family, text_length, base)
     fractions = [mixture.experts.macs_fraction(k) for k in range(len(mixture.experts))]
     metrics["verdict"] = verdict(metrics["models"])
     metrics.update(extra or {})

@@ -27,7 +27,7 @@ class APTPExpertBank(ModelMixin, ConfigMixin):
                  resolution: int = 0):
         super().__init__()
         model_class = family_named(family).APTPUNet2DConditionModel
-        base = {k: v for k, v in (base_config or {}).items() if not k.startswith("_") and k != "aptp_widths"}
+        base = family_named(family).base_config(base_config or {})
         self.experts = nn.ModuleList(model_class(**base, aptp_widths=dict(w)) for w in expert_widths)
 
     def __len__(self) -> int:

@@ -377,6 +377,12 @@ def slice_unet(
     return expert
 
 
+def base_config(config: Mapping) -> dict:
+    """A UNet config without diffusers' private keys and the expert widths: what every expert carved
+    from one base UNet shares with it."""
+    return {k: v for k, v in dict(config).items() if not k.startswith("_") and k != "aptp_widths"}
+
+
 def check_consistency(unet: nn.Module) -> None:
     """Raise :class:`ArchitectureError` unless every module attribute matches its weights and the config."""
     problems = check_layer_attributes(unet)
