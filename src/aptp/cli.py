@@ -77,42 +77,42 @@ def cmd_inspect(args) -> int:
 # aptp bench
 
 
-def cmd_bench_slicing(args) -> int:
+def _torch_threads(requested: int) -> int:
+    """Use ``requested`` torch threads (0: torch's choice); returns the number in use."""
     import torch
 
+    if requested:
+        torch.set_num_threads(requested)
+    return torch.get_num_threads()
+
+
+def cmd_bench_slicing(args) -> int:
     from .benchmarks.slicing import format_rows, run_slicing_benchmark
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = _torch_threads(args.threads)
     rows = run_slicing_benchmark(args.config, args.latent, args.batch, args.dtype, args.device, args.targets,
                                  args.repeats, args.warmup)
     header = (f"aptp bench slicing --config {args.config}: latent {args.latent}x{args.latent}, batch {args.batch}, "
-              f"{args.dtype}, {args.device} ({torch.get_num_threads()} threads), median of {args.repeats} rounds")
+              f"{args.dtype}, {args.device} ({threads} threads), median of {args.repeats} rounds")
     print(format_rows(rows, header))
     return 0
 
 
 def cmd_bench_prune_step(args) -> int:
-    import torch
-
     from .benchmarks.prune_step import format_result, run_prune_step_benchmark
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = _torch_threads(args.threads)
     result = run_prune_step_benchmark(args.model, args.batch, args.repeats, args.warmup)
-    print(format_result(result, torch.get_num_threads()))
+    print(format_result(result, threads))
     return 0
 
 
 def cmd_bench_throughput(args) -> int:
-    import torch
-
     from .benchmarks.throughput import format_result, run_throughput_benchmark
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = _torch_threads(args.threads)
     result = run_throughput_benchmark(args.pipeline, args.batch, args.steps, args.repeats, args.warmup)
-    print(format_result(result, torch.get_num_threads()))
+    print(format_result(result, threads))
     return 0
 
 

