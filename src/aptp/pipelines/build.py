@@ -25,10 +25,9 @@ def build_pipeline(router_dir: str | Path, experts_dir: str | Path | None = None
     base = load_base_pipeline(metadata["base_model"])
     family = family_of(base.unet)
     architectures = [{k: list(v) for k, v in e["architecture"].items()} for e in experts["experts"]]
-    macs_model = family.build_macs_model(base.unet, tuple(metadata["latent_size"]), metadata["text_length"],
-                                         UnitOptions.from_dict(metadata["unit_options"]))
-    bank = APTPExpertBank.from_base(base.unet, architectures, macs_model,
-                                    UnitOptions.from_dict(metadata["unit_options"]), metadata["resolution"])
+    options = UnitOptions.from_dict(metadata["unit_options"])
+    macs_model = family.build_macs_model(base.unet, tuple(metadata["latent_size"]), metadata["text_length"], options)
+    bank = APTPExpertBank.from_base(base.unet, architectures, macs_model, options, metadata["resolution"])
     for k in range(len(bank)):
         folder = expert_folder(experts_dir, k) if experts_dir else None
         if folder is not None and (folder / "config.json").is_file():
