@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 
-from aptp.routing import PromptRouter, assignment_loss, contrastive_loss, resource_loss, sinkhorn
+from aptp.routing import (
+    PromptRouter,
+    assignment_loss,
+    code_size_loss,
+    code_targets,
+    contrastive_loss,
+    resource_loss,
+    sinkhorn,
+    spread_loss,
+)
 from aptp.routing.router import materialize
 from aptp.units import MacsModel, UnitLayout, UnitSpec
 
@@ -130,3 +139,62 @@ def test_noise_free_gates_are_the_materialised_experts():
     assert torch.equal(gates.detach(), expected)
     noisy = router.sample_gates(0.3, torch.Generator().manual_seed(9), noise_scale=1.0)
     assert not torch.equal(noisy.detach(), expected)
+
+
+def floored_router(min_width):
+    torch.manual_seed(0)
+    router = PromptRouter(units=UnitLayout(UNITS).to_dict(), num_codes=2, prompt_dim=12, arch_dim=8, hidden_dim=16,
+                          hyper_hidden_dim=16, min_width=min_width)
+    with torch.no_grad():  # every width gate well below 0.5: without floors each unit keeps one element
+        router.hypernet[-1].bias.copy_(torch.linspace(-9.0, -6.0, router.layout.num_elements))
+    return router
+
+
+def test_width_floors_keep_the_highest_ranked_elements_in_training_and_in_experts():
+    router = floored_router({"heads": 0.5, "ff": 0.5})
+    layout = router.layout
+    gates = router.sample_gates(0.5, torch.Generator().manual_seed(0), noise_scale=0.0)
+    heads, ff = gates[:, layout.slice_of("b:heads")], gates[:, layout.slice_of("c:ff")]
+    assert heads.sum(1).tolist() == [2.0, 2.0] and ff.sum(1).tolist() == [3.0, 3.0]
+    assert heads[0].tolist() == [0.0, 0.0, 1.0, 1.0]  # the two highest logits of the unit
+    assert gates[:, layout.slice_of("a:groups")].sum().item() == 0.0  # no floor on groups
+    experts = router.expert_architectures()
+    assert experts[0]["b:heads"] == [2, 3] and experts[0]["c:ff"] == [3, 4, 5]
+    assert len(experts[0]["a:groups"]) == 4  # the rounding minimum of 2-channel groups, no floor
+    # A kept-by-floor element passes no gradient; the others do.
+    gates.sum().backward()
+    grad = router.hypernet[-1].bias.grad
+    assert grad[layout.slice_of("b:heads")][2:].abs().sum() == 0
+    assert grad[layout.slice_of("b:heads")][:2].abs().sum() > 0
+
+
+def test_width_floors_reject_unknown_kinds_and_bad_fractions():
+    with pytest.raises(ValueError, match="unknown width kind"):
+        floored_router({"resnet": 0.5})
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        floored_router({"heads": 1.5})
+
+
+def test_code_targets_follow_difficulty_and_keep_the_average_at_the_budget():
+    share = torch.tensor([0.25, 0.25, 0.5])
+    targets = code_targets(torch.tensor([2.0, 1.0, 1.0]), share, budget=0.5, exponent=1.0)
+    assert (share * targets).sum().item() == pytest.approx(0.5, abs=1e-6)
+    assert targets[0] > targets[1] == pytest.approx(targets[2].item())
+    assert targets[0].item() == pytest.approx(2 * targets[1].item(), rel=1e-5)
+    flat = code_targets(torch.tensor([2.0, 1.0, 1.0]), share, budget=0.6, exponent=0.0)
+    torch.testing.assert_close(flat, torch.full((3,), 0.6))
+    capped = code_targets(torch.tensor([10.0, 1.0, 1.0]), share, budget=0.6, exponent=1.0, max_fraction=0.9)
+    assert capped[0].item() == pytest.approx(0.9)
+    assert (share * capped).sum().item() == pytest.approx(0.6, abs=1e-5)
+
+
+def test_code_size_and_spread_losses():
+    fractions = torch.tensor([0.5, 0.8], requires_grad=True)
+    size = code_size_loss(fractions, torch.tensor([0.5, 0.4]))
+    assert size.item() == pytest.approx(math.log(2) / 2)
+    spread = spread_loss(fractions, cap=0.7)
+    assert spread.item() == pytest.approx(-fractions.detach().std().item() + 0.3)
+    spread.backward()
+    # Above the cap only the std term acts: it still pushes the codes apart.
+    assert fractions.grad[1] < 0 < fractions.grad[0]
+    assert spread_loss(torch.tensor([0.6])).item() == 0.0

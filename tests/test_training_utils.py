@@ -71,3 +71,28 @@ def test_overrides_are_typed_and_unknown_keys_rejected():
         config_from_dict(UNetTrainConfig, {"stepz": 3})
     with pytest.raises(APTPError, match="key=value"):
         parse_overrides(["steps"])
+
+
+def test_category_weights_set_each_category_share_of_a_batch():
+    from aptp.teacher.train import _row_weights
+
+    categories = ["single"] * 60 + ["text"] * 20 + ["two"] * 20
+    weights = _row_weights(categories, {"text": 2.0})
+    shares = {c: float(sum(w for w, k in zip(weights, categories) if k == c) / weights.sum()) for c in set(categories)}
+    assert shares == pytest.approx({"single": 0.25, "two": 0.25, "text": 0.5})
+    assert _row_weights(categories, None) is None
+    with pytest.raises(APTPError, match="unknown categories"):
+        UNetTrainConfig(category_weights={"glyphs": 2})
+    with pytest.raises(APTPError, match="no category"):
+        _row_weights(categories, {"single": 0, "text": 0, "two": 0})
+
+
+def test_block_distillation_normalised_per_block_by_the_teacher_energy():
+    from aptp.training.common import block_distillation
+
+    teacher = {"small": torch.full((2, 3), 0.1), "large": torch.full((2, 3), 10.0)}
+    student = {"small": torch.full((2, 3), 0.2), "large": torch.full((2, 3), 11.0)}
+    raw = block_distillation(student, teacher, normalize=False)
+    assert raw.item() == pytest.approx((0.01 + 1.0) / 2)
+    normalised = block_distillation(student, teacher, normalize=True)
+    assert normalised.item() == pytest.approx((0.01 / 0.01 + 1.0 / 100.0) / 2)

@@ -3,8 +3,9 @@
 Works on unit layouts and MACs models, never on diffusers modules.
 """
 
-from .losses import assignment_loss, contrastive_loss, resource_loss
+from .losses import assignment_loss, code_size_loss, code_targets, contrastive_loss, resource_loss, spread_loss
 from .router import PromptRouter
 from .sinkhorn import sinkhorn
 
-__all__ = ["PromptRouter", "assignment_loss", "contrastive_loss", "resource_loss", "sinkhorn"]
+__all__ = ["PromptRouter", "assignment_loss", "code_size_loss", "code_targets", "contrastive_loss", "resource_loss",
+           "sinkhorn", "spread_loss"]

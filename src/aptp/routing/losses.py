@@ -13,6 +13,43 @@ def resource_loss(macs_fraction: torch.Tensor, budget: float) -> torch.Tensor:
     return torch.log(macs_fraction.mean() / budget).abs()
 
 
+def code_targets(difficulty: torch.Tensor, share: torch.Tensor, budget: float, exponent: float,
+                 max_fraction: float = 0.95) -> torch.Tensor:
+    """Per-code MACs targets that give codes of harder prompts more of the budget while the
+    share-weighted average stays at ``budget``: ``t_k ∝ (difficulty_k / mean difficulty) ** exponent``.
+
+    ``difficulty`` (K,) is the mean difficulty of the prompts each code receives, ``share`` (K,) the
+    fraction of prompts it receives. Targets are capped at ``max_fraction`` so no code becomes dense;
+    the rest of the budget is spread over the others (a few clip-and-rescale rounds).
+    """
+    share = share.double() / share.double().sum().clamp_min(1e-12)
+    difficulty = difficulty.double().clamp_min(1e-12)
+    relative = (difficulty / (share * difficulty).sum()) ** exponent
+    targets = budget * relative / (share * relative).sum()
+    for _ in range(10):
+        capped = targets.clamp(max=max_fraction)
+        free = capped < max_fraction
+        excess = budget - (share * capped).sum()
+        if excess.abs() < 1e-9 or not free.any():
+            targets = capped
+            break
+        targets = torch.where(free, capped * (1 + excess / (share * capped * free).sum().clamp_min(1e-12)), capped)
+    return targets.clamp(max=max_fraction).float()
+
+
+def code_size_loss(code_fractions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``mean_k |log(macs_k / target_k)|``: each code's own MACs fraction meets its target."""
+    return torch.log(code_fractions / targets.to(code_fractions)).abs().mean()
+
+
+def spread_loss(code_fractions: torch.Tensor, cap: float = 0.95) -> torch.Tensor:
+    """The published code's spread terms, ``-std_k(macs_k) + (1 - max_k macs_k)``, with the largest
+    code's pull stopping at ``cap`` so no code is pushed to the dense model."""
+    if code_fractions.numel() < 2:
+        return code_fractions.sum() * 0.0
+    return -code_fractions.std() + (1 - code_fractions.max().clamp(max=cap))
+
+
 def assignment_loss(scores: torch.Tensor, assignment: torch.Tensor, temperature: float) -> torch.Tensor:
     """Swapped-assignment cross-entropy ``CE(softmax(scores / T), Q)``: the router's own argmax
     learns to agree with the balanced assignment used in training."""

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -21,7 +22,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ..units import Architecture, UnitLayout, round_kept
+from ..units import WIDTH_KINDS, Architecture, UnitLayout, round_kept
 
 
 class PromptRouter(ModelMixin, ConfigMixin):
@@ -40,6 +41,7 @@ class PromptRouter(ModelMixin, ConfigMixin):
         score_temperature: float = 0.1,
         prompt_encoder: str = "all-MiniLM-L6-v2",
         metadata: dict | None = None,
+        min_width: dict[str, float] | None = None,
     ):
         super().__init__()
         if num_codes < 1:
@@ -47,6 +49,7 @@ class PromptRouter(ModelMixin, ConfigMixin):
         self.layout = UnitLayout.from_dict(units)
         if self.layout.num_elements == 0:
             raise ValueError("a router needs at least one prunable unit")
+        self.floors = width_floors(self.layout, min_width)
         self.predictor = nn.Sequential(nn.Linear(prompt_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, arch_dim))
         codes = torch.randn(num_codes, arch_dim)
         self.codes = nn.Parameter(F.normalize(codes, dim=1))
@@ -105,6 +108,7 @@ class PromptRouter(ModelMixin, ConfigMixin):
 
         ``noise_scale`` scales the logistic noise: 1 samples Bernoulli(p) gates, 0 gives exactly the
         deterministic architecture that :meth:`expert_architectures` materialises (before rounding).
+        The highest-logit elements that a unit's width floor keeps are always open, without gradient.
         """
         logits = self.gate_logits()
         # Drawn on the CPU so a CPU generator gives the same noise on any device.
@@ -112,8 +116,18 @@ class PromptRouter(ModelMixin, ConfigMixin):
         uniform = uniform.clamp(1e-6, 1 - 1e-6)
         noise = (torch.log(uniform) - torch.log1p(-uniform)) * noise_scale
         soft = torch.sigmoid((logits + noise) / temperature)
-        hard = (soft > 0.5).to(soft.dtype)
-        return hard + (soft - soft.detach())  # exactly 0/1 in value
+        kept = self.floor_mask(logits)
+        hard = ((soft > 0.5) | kept).to(soft.dtype)
+        return hard + (soft - soft.detach()) * (~kept).to(soft.dtype)  # exactly 0/1 in value
+
+    def floor_mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """(K, U) bool: the elements each unit's width floor keeps open (its highest logits)."""
+        mask = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        for name, minimum in self.floors.items():
+            part = self.layout.slice_of(name)
+            top = logits[:, part].detach().topk(minimum, dim=1).indices + part.start
+            mask.scatter_(1, top, True)
+        return mask
 
     # -- experts --------------------------------------------------------------------------------
 
@@ -121,19 +135,39 @@ class PromptRouter(ModelMixin, ConfigMixin):
     def expert_architectures(self, channel_multiple: int = 8) -> list[Architecture]:
         """The deterministic architecture of every code: threshold its gate probabilities at 0.5."""
         probabilities = self.gate_probabilities().float().cpu()
-        return [materialize(probabilities[k], self.layout, channel_multiple) for k in range(self.num_codes)]
+        return [materialize(probabilities[k], self.layout, channel_multiple, self.floors)
+                for k in range(self.num_codes)]
 
 
-def materialize(probabilities: torch.Tensor, layout: UnitLayout, channel_multiple: int = 8) -> Architecture:
+def width_floors(layout: UnitLayout, min_width: dict[str, float] | None) -> dict[str, int]:
+    """Fewest elements each width unit keeps: ``min_width[kind]`` of its elements, rounded up to a
+    hardware-friendly size; kinds not named have no floor."""
+    min_width = dict(min_width or {})
+    for kind, fraction in min_width.items():
+        if kind not in WIDTH_KINDS:
+            raise ValueError(f"min_width: unknown width kind {kind!r}; choose from {', '.join(WIDTH_KINDS)}")
+        if not 0 <= float(fraction) <= 1:
+            raise ValueError(f"min_width[{kind!r}] must be in [0, 1], got {fraction}")
+    floors = {}
+    for unit in layout:
+        fraction = float(min_width.get(unit.kind, 0.0))
+        if fraction > 0 and not unit.is_depth:
+            floors[unit.name] = round_kept(unit, math.ceil(fraction * unit.count - 1e-9))
+    return floors
+
+
+def materialize(probabilities: torch.Tensor, layout: UnitLayout, channel_multiple: int = 8,
+                floors: dict[str, int] | None = None) -> Architecture:
     """Architecture from one code's gate probabilities (U,): a depth unit stays if p > 0.5; a width
-    unit keeps as many elements as have p > 0.5 (rounded to hardware-friendly sizes, at least one),
-    choosing the most probable ones."""
+    unit keeps as many elements as have p > 0.5 (rounded to hardware-friendly sizes, at least one and at
+    least its floor), choosing the most probable ones."""
     architecture: Architecture = {}
+    floors = floors or {}
     for unit in layout:
         p = probabilities[layout.slice_of(unit.name)]
         if unit.is_depth:
             architecture[unit.name] = [0] if p[0] > 0.5 else []
             continue
-        kept = round_kept(unit, int((p > 0.5).sum()), channel_multiple, up=False)
+        kept = max(round_kept(unit, int((p > 0.5).sum()), channel_multiple, up=False), floors.get(unit.name, 0))
         architecture[unit.name] = sorted(torch.topk(p, kept).indices.tolist())
     return architecture

@@ -15,14 +15,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from .. import world
 from ..data import WorldImages
 from ..training.cache import EMPTY_PROMPT_INDEX, encode_dataset
 from ..training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from ..training.common import batch_index, run_loop
+from ..utils import APTPError
 from .components import (
+    TEACHER_DIR,
     UNET_CONFIG,
     assemble_pipeline,
     build_scheduler,
@@ -60,6 +62,18 @@ class UNetTrainConfig:
     seed: int = 0
     dataset_size: int = 20000  # world train samples, encoded once (latents + text states) and cached
     block_out_channels: tuple[int, ...] | None = None  # None: the tiny preset's widths
+    # Relative sampling weight of each world category (unnamed ones weigh 1): text rendering needs more
+    # steps than the other categories to become legible.
+    category_weights: dict[str, float] | None = None
+    init: str | None = None  # continue from this teacher folder's UNet ("shipped": the packaged teacher)
+
+    def __post_init__(self):
+        unknown = sorted(set(self.category_weights or {}) - set(world.CATEGORIES))
+        if unknown:
+            raise APTPError(f"category_weights names unknown categories {unknown}; "
+                            f"choose from {', '.join(world.CATEGORIES)}")
+        if any(not float(w) >= 0 for w in (self.category_weights or {}).values()):
+            raise APTPError("category_weights must be >= 0")
 
 
 def world_batch(step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
@@ -133,6 +147,29 @@ def latent_scaling_factor(vae: AutoencoderKL, seed: int, samples: int = 512) -> 
     return float(1.0 / latents.std())
 
 
+def _initial_unet(config: UNetTrainConfig):
+    if config.init is None:
+        unet_config = dict(UNET_CONFIG)
+        if config.block_out_channels:
+            unet_config["block_out_channels"] = list(config.block_out_channels)
+        return build_unet(unet_config)
+    folder = TEACHER_DIR if config.init == "shipped" else Path(config.init)
+    if not (folder / "unet" / "config.json").is_file():
+        raise APTPError(f"init: no teacher UNet at {folder / 'unet'}")
+    return UNet2DConditionModel.from_pretrained(folder / "unet", dtype=torch.float32)
+
+
+def _row_weights(categories: list[str], weights: dict[str, float] | None) -> torch.Tensor | None:
+    """Sampling weight of every cached row so each category gets its weight's share of a batch."""
+    if not weights:
+        return None
+    counts = {c: categories.count(c) for c in set(categories)}
+    row = torch.tensor([float(weights.get(c, 1.0)) / counts[c] for c in categories], dtype=torch.float64)
+    if not row.sum() > 0:
+        raise APTPError("category_weights leave no category to train on")
+    return row
+
+
 def train_unet(out: str | Path, vae_path: str | Path, config: UNetTrainConfig | None = None):
     """Train the teacher UNet on the frozen VAE's latents; the EMA weights become ``out/teacher``."""
     config = config or UNetTrainConfig()
@@ -141,10 +178,7 @@ def train_unet(out: str | Path, vae_path: str | Path, config: UNetTrainConfig | 
     vae = AutoencoderKL.from_pretrained(vae_path).eval().requires_grad_(False)
     text_encoder, tokenizer = load_text_encoder()
     torch.manual_seed(config.seed)
-    unet_config = dict(UNET_CONFIG)
-    if config.block_out_channels:
-        unet_config["block_out_channels"] = list(config.block_out_channels)
-    unet = build_unet(unet_config).train()
+    unet = _initial_unet(config).train()
     ema = copy.deepcopy(unet).requires_grad_(False).eval()
     pipeline = assemble_pipeline(vae, ema, build_scheduler(), text_encoder, tokenizer)
     noise_scheduler = training_scheduler(pipeline.scheduler)
@@ -159,10 +193,14 @@ def train_unet(out: str | Path, vae_path: str | Path, config: UNetTrainConfig | 
                            lambda prompts: pipeline.encode_prompt(prompts, "cpu", 1, False)[0],
                            out / "world-cache.safetensors")
     size = len(cache["prompt_index"])
+    row_weights = _row_weights(cache["categories"], config.category_weights)
 
     def step_fn(step: int) -> float:
         generator = _step_generator(config.seed, step)
-        index = batch_index(step, config.batch_size, size, config.seed, 0, 1)
+        if row_weights is None:
+            index = batch_index(step, config.batch_size, size, config.seed, 0, 1)
+        else:
+            index = torch.multinomial(row_weights, config.batch_size, replacement=True, generator=generator)
         mean, std = cache["latent_mean"][index], cache["latent_std"][index]
         latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
         dropped = torch.rand(len(index), generator=generator) < config.caption_dropout

@@ -82,16 +82,29 @@ def noised_batch(cache: dict, rows: torch.Tensor, scheduler, scaling: float, gen
             "target": diffusion_target(scheduler, latents, noise, timesteps)}
 
 
+def block_distillation(student_blocks: dict, teacher_blocks: dict, normalize: bool) -> torch.Tensor:
+    """Mean over blocks of the feature MSE to the teacher; with ``normalize``, each block's MSE is divided
+    by the teacher's mean squared feature (LAPTOP-Diff), so blocks with large activations do not dominate."""
+    terms = []
+    for name, target in teacher_blocks.items():
+        error = F.mse_loss(student_blocks[name].float(), target.float())
+        terms.append(error / target.float().pow(2).mean().clamp_min(1e-8) if normalize else error)
+    return sum(terms) / max(1, len(terms))
+
+
 def task_losses(scheduler, batch: dict, student: torch.Tensor, teacher: torch.Tensor, student_blocks: dict,
-                teacher_blocks: dict, min_snr_gamma: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The diffusion loss (optionally min-SNR weighted), output distillation and the mean block
-    distillation of a student prediction against the dense teacher's, on a :func:`noised_batch`."""
-    per_sample = F.mse_loss(student.float(), batch["target"].float(), reduction="none").mean(dim=(1, 2, 3))
+                teacher_blocks: dict, min_snr_gamma: float | None,
+                normalize_blocks: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The diffusion loss and output distillation (both min-SNR weighted when ``min_snr_gamma`` is set)
+    and the block distillation of a student prediction against the dense teacher's, on a :func:`noised_batch`."""
     weights = snr_weights(scheduler, batch["timesteps"], min_snr_gamma)
-    ddpm = (per_sample * weights).mean() if weights is not None else per_sample.mean()
-    distill = F.mse_loss(student.float(), teacher.float())
-    blocks = sum(F.mse_loss(student_blocks[k].float(), teacher_blocks[k].float()) for k in teacher_blocks)
-    return ddpm, distill, blocks / max(1, len(teacher_blocks))
+
+    def weighted_mse(prediction, target):
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return (per_sample * weights).mean() if weights is not None else per_sample.mean()
+
+    return (weighted_mse(student, batch["target"]), weighted_mse(student, teacher),
+            block_distillation(student_blocks, teacher_blocks, normalize_blocks))
 
 
 class BlockRecorder:

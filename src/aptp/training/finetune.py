@@ -39,7 +39,8 @@ class FinetuneConfig:
     lambda_ddpm: float = 1.0
     lambda_distill: float = 1.0
     lambda_blocks: float = 0.5
-    min_snr_gamma: float | None = None
+    min_snr_gamma: float | None = 5.0  # weights the diffusion and distillation losses
+    normalize_blocks: bool = True  # block distillation divided by the teacher's feature energy per block
     seed: int = 0
     checkpoint_every: int = 50
     validate_every: int = 0  # samples of the expert's own prompts every N steps (0: only at the end)
@@ -113,7 +114,7 @@ def finetune_architecture(base_model: str, options: UnitOptions, architecture: d
             dense = teacher(batch["noisy"], batch["timesteps"], batch["text"]).sample
         predicted = student(batch["noisy"], batch["timesteps"], batch["text"]).sample
         ddpm, distill, blocks = task_losses(scheduler, batch, predicted, dense, student_blocks.take(),
-                                            teacher_blocks.take(), config.min_snr_gamma)
+                                            teacher_blocks.take(), config.min_snr_gamma, config.normalize_blocks)
         loss = config.lambda_ddpm * ddpm + config.lambda_distill * distill + config.lambda_blocks * blocks
         accelerator.backward(loss)
         if config.grad_clip:

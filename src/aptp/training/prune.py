@@ -12,7 +12,8 @@ Runs unchanged under ``accelerate launch``; checkpoints are atomic and resuming 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,16 +21,38 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from ..config import UnitOptions, config_from_dict
 from ..families import family_of
-from ..routing import PromptRouter, assignment_loss, contrastive_loss, resource_loss, sinkhorn
+from ..routing import (
+    PromptRouter,
+    assignment_loss,
+    code_size_loss,
+    code_targets,
+    contrastive_loss,
+    resource_loss,
+    sinkhorn,
+    spread_loss,
+)
 from ..routing.encoder import DEFAULT_PROMPT_ENCODER, PromptEncoder
+from ..routing.router import width_floors
+from ..units import UnitLayout, uniform_width_architecture
 from ..utils import APTPError, write_json_atomic
 from .base_model import load_base_pipeline
 from .cache import encode_dataset
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from .common import WORLD, BlockRecorder, batch_index, make_datasets, noised_batch, run_loop, task_losses
+from .common import (
+    WORLD,
+    BlockRecorder,
+    batch_index,
+    make_datasets,
+    noised_batch,
+    run_loop,
+    snr_weights,
+    task_losses,
+)
 
 
 @dataclass
@@ -66,7 +89,17 @@ class PruneConfig:
     lambda_resource: float = 2.0
     lambda_contrastive: float = 100.0
     lambda_assign: float = 1.0
-    min_snr_gamma: float | None = None
+    min_snr_gamma: float | None = 5.0  # weights the diffusion and distillation losses (published: 5)
+    normalize_blocks: bool = True  # block distillation divided by the teacher's feature energy per block
+    # Bounded allocations: every width unit keeps at least this fraction of its elements (per kind),
+    # chosen by the learned ranking; the learned widths vary above the floor.
+    min_width: dict | None = field(default_factory=lambda: {"heads": 0.5, "ff": 0.25, "groups": 0.25})
+    # Experts sized by difficulty: a code's MACs target grows with the mean difficulty of its prompts
+    # (their distance to the teacher under a fixed uniform pruning at the budget) to this power; 0: off.
+    difficulty_exponent: float = 1.0
+    lambda_code_size: float = 1.0
+    max_code_fraction: float = 0.95  # no code's target exceeds this fraction of dense MACs
+    lambda_spread: float = 0.0  # the published -std + (1 - max) of the per-code MACs, capped at max_code_fraction
     # Optimisation.
     steps: int = 300
     warmup_steps: int = 30  # gates stay open while the router learns the prompt geometry
@@ -90,6 +123,12 @@ class PruneConfig:
         if self.warmup_steps >= self.steps:
             raise APTPError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
         UnitOptions(ff_chunks=self.ff_chunks, depth=self.depth)
+        if self.difficulty_exponent < 0 or not 0 < self.max_code_fraction <= 1:
+            raise APTPError("difficulty_exponent must be >= 0 and max_code_fraction in (0, 1]")
+        try:
+            width_floors(UnitLayout([]), self.min_width)
+        except ValueError as error:
+            raise APTPError(str(error)) from None
 
     @classmethod
     def from_dict(cls, data: dict) -> "PruneConfig":
@@ -144,6 +183,7 @@ class PruneState:
     latent_size: tuple[int, int]
     resolution: int
     text_length: int
+    difficulty: torch.Tensor | None  # (N,) per training row, or None when experts are not sized by it
 
 
 def prepare(config: PruneConfig) -> PruneState:
@@ -187,12 +227,66 @@ def prepare(config: PruneConfig) -> PruneState:
             "latent_size": list(latent_size), "text_length": text_length, "budget": config.budget,
             "unit_options": options.to_dict(), "dense_macs": macs_model.dense,
         },
+        min_width=config.min_width,
     )
     optimizer = torch.optim.AdamW(router.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     router, optimizer = accelerator.prepare(router, optimizer)
-    return PruneState(accelerator, pipeline, unet, controller, macs_model, router, optimizer,
-                      DDPMScheduler.from_config(pipeline.scheduler.config),
-                      BlockRecorder(family.feature_modules(unet)), train, val, latent_size, resolution, text_length)
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    difficulty = None
+    if config.difficulty_exponent > 0 and config.num_codes > 1:
+        reference = uniform_width_architecture(macs_model, config.budget,
+                                               scores=family.element_magnitudes(unet, options))
+        with accelerator.main_process_first():
+            difficulty = prompt_difficulty(unet, controller, macs_model.layout.gates_from_architecture(reference),
+                                           train, scheduler, pipeline.vae.config.scaling_factor, config,
+                                           out / "cache" / "difficulty.safetensors", accelerator.device)
+    return PruneState(accelerator, pipeline, unet, controller, macs_model, router, optimizer, scheduler,
+                      BlockRecorder(family.feature_modules(unet)), train, val, latent_size, resolution, text_length,
+                      difficulty)
+
+
+@torch.no_grad()
+def prompt_difficulty(unet, controller, gates: torch.Tensor, cache: dict, scheduler, scaling: float,
+                      config: PruneConfig, cache_file: Path, device, repeats: int = 2) -> torch.Tensor:
+    """Per training row, how far a fixed pruned model (``gates``) is from the dense teacher: the mean
+    (min-SNR weighted) output MSE over ``repeats`` random timesteps. Computed once and cached."""
+    rows = len(cache["prompt_index"])
+    key = {"rows": rows, "budget": config.budget, "seed": config.seed, "min_snr_gamma": config.min_snr_gamma,
+           "repeats": repeats}
+    if cache_file.is_file():
+        stored = load_file(cache_file)
+        if json.loads(cache_file.with_suffix(".json").read_text()) == key:
+            return stored["difficulty"]
+    generator = torch.Generator().manual_seed(config.seed * 7919 + 17)
+    total = torch.zeros(rows, dtype=torch.float64)
+    for _ in range(repeats):
+        for start in tqdm(range(0, rows, config.batch_size), desc="prompt difficulty", unit="batch", leave=False):
+            index = torch.arange(start, min(rows, start + config.batch_size))
+            batch = noised_batch(cache, index, scheduler, scaling, generator, device)
+            with controller.use(None):
+                teacher = unet(batch["noisy"], batch["timesteps"], batch["text"]).sample.float()
+            with controller.use(gates.to(device)[None]):
+                pruned = unet(batch["noisy"], batch["timesteps"], batch["text"]).sample.float()
+            error = (pruned - teacher).pow(2).flatten(1).mean(1)
+            weights = snr_weights(scheduler, batch["timesteps"], config.min_snr_gamma)
+            total[index] += (error * weights if weights is not None else error).double().cpu()
+    difficulty = (total / repeats).float()
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(cache_file.with_suffix(".json"), key)
+    temporary = cache_file.with_name(cache_file.name + ".tmp")
+    save_file({"difficulty": difficulty}, temporary)
+    temporary.replace(cache_file)
+    return difficulty
+
+
+@torch.no_grad()
+def code_difficulty(router: PromptRouter, train: dict, difficulty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean difficulty of the training rows each code receives by argmax routing, and its share of them."""
+    routes = router.route(train["prompt_embeddings"][train["prompt_index"]].to(router.codes.device)).cpu()
+    counts = torch.bincount(routes, minlength=router.num_codes).double()
+    sums = torch.zeros(router.num_codes, dtype=torch.float64).index_add_(0, routes, difficulty.double())
+    mean = torch.where(counts > 0, sums / counts.clamp_min(1), difficulty.double().mean())
+    return mean, counts / counts.sum()
 
 
 def prune_step(config: PruneConfig, state: PruneState, step: int) -> dict[str, float]:
@@ -230,14 +324,28 @@ def prune_step(config: PruneConfig, state: PruneState, step: int) -> dict[str, f
             student = unet(noisy, timesteps, text).sample
             student_blocks = state.recorder.take()
         ddpm, distill, blocks = task_losses(state.scheduler, batch, student, teacher, student_blocks, teacher_blocks,
-                                            config.min_snr_gamma)
+                                            config.min_snr_gamma, config.normalize_blocks)
     fraction = state.macs_model.fraction(gates.double()).float()
-    resource = resource_loss(fraction, config.budget)
+    code_fractions = state.macs_model.fraction(code_gates.double()).float()
+    size = spread = zero
+    targets = None
+    if state.difficulty is not None and not warming_up:
+        # The average over the prompts as inference routes them meets the budget; each code meets a
+        # target that grows with how hard its prompts are.
+        difficulty, share = code_difficulty(router, state.train, state.difficulty)
+        targets = code_targets(difficulty, share, config.budget, config.difficulty_exponent,
+                               config.max_code_fraction).to(device)
+        resource = resource_loss((share.to(device).float() * code_fractions).sum(0, keepdim=True), config.budget)
+        size = code_size_loss(code_fractions, targets)
+    else:
+        resource = resource_loss(fraction, config.budget)
+    if config.lambda_spread and not warming_up:
+        spread = spread_loss(code_fractions, config.max_code_fraction)
     contrastive = contrastive_loss(arch, prompt_embeddings, config.contrastive_temperature)
     assign = assignment_loss(scores, balanced, config.score_temperature)
     total = (config.lambda_ddpm * ddpm + config.lambda_distill * distill + config.lambda_blocks * blocks
-             + config.lambda_resource * resource + config.lambda_contrastive * contrastive
-             + config.lambda_assign * assign)
+             + config.lambda_resource * resource + config.lambda_code_size * size + config.lambda_spread * spread
+             + config.lambda_contrastive * contrastive + config.lambda_assign * assign)
     accelerator.backward(total)
     if config.grad_clip:
         accelerator.clip_grad_norm_(state.router.parameters(), config.grad_clip)
@@ -245,12 +353,15 @@ def prune_step(config: PruneConfig, state: PruneState, step: int) -> dict[str, f
     state.optimizer.zero_grad(set_to_none=True)
     logs = {"loss/total": total.item(), "loss/ddpm": ddpm.item(), "loss/distill": distill.item(),
             "loss/blocks": blocks.item(), "loss/resource": resource.item(), "loss/contrastive": contrastive.item(),
-            "loss/assign": assign.item(), "macs/batch_fraction": fraction.mean().item(), "macs/budget": config.budget}
+            "loss/assign": assign.item(), "loss/code_size": size.item(), "loss/spread": spread.item(),
+            "macs/batch_fraction": fraction.mean().item(), "macs/budget": config.budget}
     counts = torch.bincount(assignment, minlength=router.num_codes)
     for k in range(router.num_codes):
         logs[f"assign/code_{k}"] = counts[k].item() / len(index)
         if not warming_up:
-            logs[f"macs/code_{k}"] = state.macs_model.fraction(code_gates[k].detach().double()).item()
+            logs[f"macs/code_{k}"] = code_fractions[k].item()
+        if targets is not None:
+            logs[f"macs/target_{k}"] = targets[k].item()
     return logs
 
 
@@ -325,7 +436,9 @@ def run_prune(config: PruneConfig) -> dict:
     out = Path(config.output_dir)
     state = prepare(config)
     accelerator = state.accelerator
-    accelerator.init_trackers("prune", config={k: v for k, v in asdict(config).items() if v is not None})
+    # TensorBoard's hyperparameters are scalars: nested options are logged as JSON text.
+    accelerator.init_trackers("prune", config={k: json.dumps(v) if isinstance(v, (dict, list)) else v
+                                               for k, v in asdict(config).items() if v is not None})
     checkpoint = out / "checkpoint"
     start = 0
     if found := find_checkpoint(checkpoint):
