@@ -29,6 +29,9 @@ def test_demo_runs_resumes_and_writes_a_report(tmp_path, capsys):
         assert set(model["teacher_mse"]) == {"single", "two", "count", "text", "overall"}
         assert (model["teacher_mse"]["overall"] == 0) == (name == "dense")  # the teacher is its own reference
     assert metrics["evaluation"]["n_images"] == 8
+    assert {c["claim"] for c in metrics["claims"]} >= {"world accuracy >= static + 0.02", "FID <= magnitude",
+                                                       "text prompts get >= mean MACs + 0.03"}
+    assert "Claims" in (out / "report" / "report.html").read_text()
     for png in ("quality_vs_macs.png", "samples.png", "routing.png"):
         assert (out / "report" / png).is_file()
     # Run again: every finished stage is skipped, the evaluation too (its settings are unchanged)...
@@ -80,3 +83,36 @@ def test_evaluate_rejects_bad_input(tmp_path, capsys):
     assert main(["demo", "--output-dir", str(tmp_path / "d"), "--set", "baselines=[static,l2]"]) == 2
     assert "unknown baseline" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()  # rejected before any stage ran
+
+
+def _fake_metrics(aptp, static, text_macs):
+    def model(accuracy, fid, macs):
+        return {"world_accuracy": {"overall": accuracy}, "fid": fid, "macs_fraction": macs}
+
+    models = {"dense": model(0.8, 100.0, 1.0), "APTP": model(aptp, 150.0, 0.6), "static": model(static, 160.0, 0.6),
+              "magnitude": model(0.6, 155.0, 0.59)}
+    models["APTP"]["macs_fraction_by_category"] = {"text": text_macs, "overall": 0.6}
+    from aptp.evaluation.compare import claims
+
+    return {"models": models, "claims": claims(models)}
+
+
+def test_ablation_summary_gives_mean_and_spread_over_seeds(tmp_path, capsys):
+    from aptp.evaluation.ablation import format_table, summarize
+
+    summary = summarize([_fake_metrics(0.70, 0.60, 0.65), _fake_metrics(0.74, 0.62, 0.61)])
+    assert summary["APTP"]["accuracy"]["mean"] == pytest.approx(0.72)
+    assert summary["APTP"]["accuracy"]["std"] == pytest.approx(0.0282843, rel=1e-4)
+    assert summary["text_extra_macs"]["values"] == pytest.approx([0.05, 0.01])
+    claims_of_first = {c["claim"]: c["holds"] for c in _fake_metrics(0.70, 0.60, 0.65)["claims"]}
+    assert claims_of_first["world accuracy >= static + 0.02"] and claims_of_first["FID <= static"]
+    assert not claims_of_first["world accuracy >= 0.9 x dense"]  # 0.70 < 0.72
+    assert claims_of_first["text prompts get >= mean MACs + 0.03"]
+    # The second run loses the text claim (+0.01) but reaches 0.9 x dense (0.74 >= 0.72).
+    assert summary["claims_held"] == [7, 7]
+    table = format_table({"aptp": summary})
+    assert "0.720 ± 0.028" in table and "7/8 7/8" in table
+    assert main(["ablation", "--output-dir", str(tmp_path), "--variants", "aptp", "--seeds"]) == 2
+    assert main(["ablation", "--output-dir", str(tmp_path), "--set", "prune.bogus=1"]) == 2
+    assert "unknown PruneConfig option" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -261,6 +261,16 @@ def cmd_baselines(args) -> int:
     return 0
 
 
+def cmd_ablation(args) -> int:
+    from .config import parse_overrides
+    from .evaluation.ablation import run_ablation
+
+    result = run_ablation(args.output_dir, args.variants, args.seeds, parse_overrides(args.set))
+    print(result["table"])
+    print(f"summary written to {Path(args.output_dir) / 'ablation.json'}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .config import parse_overrides
     from .evaluation.compare import EvalConfig, evaluate_folders
@@ -382,6 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
     baselines.add_argument("--output-dir", default="runs/demo", help="a demo folder with a finished mixture")
     baselines.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="same options as `aptp demo`")
     baselines.set_defaults(func=cmd_baselines)
+
+    from .evaluation.ablation import VARIANTS
+
+    ablation = commands.add_parser("ablation", help="the demo with each change of the method off, over several seeds")
+    ablation.add_argument("--output-dir", default="runs/ablation")
+    ablation.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                          help=f"default: all ({', '.join(VARIANTS)})")
+    ablation.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ablation.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="options of every demo run, as for `aptp demo`")
+    ablation.set_defaults(func=cmd_ablation)
 
     evaluate = commands.add_parser(
         "evaluate", help="dense base vs APTPPipeline vs sliced UNets on the world test prompts, with a report")

@@ -120,6 +120,11 @@ def teacher_distance(candidates: list[Candidate], base: StableDiffusionPipeline,
     return distances
 
 
+def _word_accuracy(images: torch.Tensor, samples) -> float:
+    """Fraction of text-rendering prompts whose word the evaluator reads back (nan without text prompts)."""
+    return world.attribute_accuracy(images, samples).get("text/word", float("nan"))
+
+
 def _by_category(values: list[float], samples) -> dict[str, float]:
     """Mean of a per-prompt value in every category, and ``overall``."""
     means = {c: statistics.mean(v for v, s in zip(values, samples) if s.category == c)
@@ -170,6 +175,7 @@ def evaluate_candidates(candidates: list[Candidate], config: EvalConfig, family,
             "images_per_s": len(prompts) / elapsed,
             "fid": frechet_inception_distance(real, fake, inception=inception),
             "world_accuracy": world.world_accuracy(fake, samples),
+            "word_accuracy": _word_accuracy(fake, samples),
         }
         if len(candidate.unets) > 1:
             metrics["routing"] = {
@@ -192,6 +198,7 @@ def evaluate_candidates(candidates: list[Candidate], config: EvalConfig, family,
                        "fid_reference": f"{len(prompts)} real world test images of the same prompts, "
                                         f"{int(real.shape[-1])} px, bilinear to 299 px, TF FID Inception (torchmetrics)"},
         "world_accuracy_real_images": world.world_accuracy(real, samples),
+        "word_accuracy_real_images": _word_accuracy(real, samples),
         "models": results,
     }, images, samples
 
@@ -255,9 +262,53 @@ def evaluate_folders(pipeline_dir: str | Path, unet_folders: Mapping[str, str | 
     metrics, images, samples = evaluate_candidates(candidates, config, family, text_length, base)
     fractions = [mixture.experts.macs_fraction(k) for k in range(len(mixture.experts))]
     metrics["verdict"] = verdict(metrics["models"])
+    metrics["claims"] = claims(metrics["models"])
     metrics.update(extra or {})
     return write_report(out, metrics, images, samples, mixture="APTP", expert_fractions=fractions,
                         verdict=metrics["verdict"])
+
+
+# What the method must show on the world, at equal average MACs (within EQUAL_MACS of each baseline).
+EQUAL_MACS = 0.03
+STATIC_MARGIN = 0.02
+HARD_CATEGORY, HARD_MARGIN = "text", 0.03
+DENSE_RATIO = 0.90
+
+
+def claims(models: dict) -> list[dict]:
+    """Each claim about the routed mixture (``APTP``) that the models present allow to check: its name,
+    whether it holds, and the numbers behind it."""
+    if "APTP" not in models:
+        return []
+    a = models["APTP"]
+    accuracy = a["world_accuracy"]["overall"]
+    rows = []
+
+    def add(name, holds, detail):
+        rows.append({"claim": name, "holds": bool(holds), "detail": detail})
+
+    for baseline in ("static", "magnitude"):
+        if baseline not in models:
+            continue
+        b = models[baseline]
+        other = b["world_accuracy"]["overall"]
+        gap = abs(a["macs_fraction"] - b["macs_fraction"])
+        add(f"equal average MACs as {baseline} (within {EQUAL_MACS})", gap <= EQUAL_MACS,
+            f"{a['macs_fraction']:.3f} vs {b['macs_fraction']:.3f}")
+        margin = STATIC_MARGIN if baseline == "static" else 0.0
+        add(f"world accuracy >= {baseline}" + (f" + {margin}" if margin else ""), accuracy >= other + margin,
+            f"{accuracy:.3f} vs {other:.3f}")
+        add(f"FID <= {baseline}", a["fid"] <= b["fid"], f"{a['fid']:.1f} vs {b['fid']:.1f}")
+    by_category = a.get("macs_fraction_by_category", {})
+    if HARD_CATEGORY in by_category:
+        add(f"{HARD_CATEGORY} prompts get >= mean MACs + {HARD_MARGIN}",
+            by_category[HARD_CATEGORY] >= by_category["overall"] + HARD_MARGIN,
+            f"{by_category[HARD_CATEGORY]:.3f} vs mean {by_category['overall']:.3f}")
+    if "dense" in models:
+        dense = models["dense"]["world_accuracy"]["overall"]
+        add(f"world accuracy >= {DENSE_RATIO} x dense", accuracy >= DENSE_RATIO * dense,
+            f"{accuracy:.3f} vs {DENSE_RATIO} x {dense:.3f} = {DENSE_RATIO * dense:.3f}")
+    return rows
 
 
 def verdict(models: dict) -> str:

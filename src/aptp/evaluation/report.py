@@ -89,15 +89,16 @@ def write_report(out: str | Path, metrics: dict, images: dict[str, torch.Tensor]
     with_clip = all("clip_score" in m for m in models.values())
     rows = [[name, f"{m['macs_fraction']:.3f}", f"{m['fid']:.1f}"]
             + [f"{m['world_accuracy'].get(c, float('nan')):.3f}" for c in categories]
-            + [f"{m['world_accuracy']['overall']:.3f}"]
+            + [f"{m['world_accuracy']['overall']:.3f}", f"{m.get('word_accuracy', float('nan')):.3f}"]
             + ([f"{m['clip_score']:.2f}", f"{m['cmmd']:.3f}"] if with_clip else [])
             + [f"{m['parameters'] / 1e6:.2f} M", f"{m['unet_latency_ms']:.1f}", f"{m['images_per_s']:.2f}"]
             for name, m in models.items()]
     real = metrics["world_accuracy_real_images"]
     rows.append(["real images (evaluator ceiling)", "", ""] + [f"{real.get(c, float('nan')):.3f}" for c in categories]
-                + [f"{real['overall']:.3f}"] + ["", ""] * with_clip + ["", "", ""])
+                + [f"{real['overall']:.3f}", f"{metrics.get('word_accuracy_real_images', float('nan')):.3f}"]
+                + ["", ""] * with_clip + ["", "", ""])
     header = ["model", "MACs fraction", f"FID (N={evaluation['n_images']})"] + [f"acc. {c}" for c in categories] + \
-             ["acc. overall"] + ["CLIP score", "CMMD"] * with_clip + \
+             ["acc. overall", "words read back"] + ["CLIP score", "CMMD"] * with_clip + \
              ["parameters", f"UNet call (ms, batch {evaluation['latency_batch']})", "images/s"]
     clip_note = "" if with_clip else "<p>CLIP score and CMMD: not measured (no local CLIP folder was given).</p>"
     routing_table = ""
@@ -110,6 +111,11 @@ def write_report(out: str | Path, metrics: dict, images: dict[str, torch.Tensor]
         routing_table = "<h2>Routing by category</h2>" + _table(
             routing_rows, ["category"] + [f"expert {k} ({f:.2f} MACs)" for k, f in enumerate(expert_fractions or [])]
             + ["mean MACs fraction"])
+    claims_table = ""
+    if metrics.get("claims"):
+        claims_table = "<h2>Claims</h2>" + _table(
+            [[c["claim"], "holds" if c["holds"] else "does not hold", c["detail"]] for c in metrics["claims"]],
+            ["claim", "", "numbers"])
     distance_table = ""
     if all("teacher_mse" in m for m in models.values()):
         distance_table = (
@@ -126,6 +132,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{t
 img{{max-width:100%;border:1px solid #eee}}</style></head><body>
 <h1>aptp: routed experts vs baselines</h1>
 <p>{html.escape(verdict)}</p>
+{claims_table}
 <p>{html.escape(evaluation['fid_reference'])}; {evaluation['steps']} sampling steps, guidance
 {evaluation['guidance_scale']}, seed {evaluation['seed']}.</p>
 {_table(rows, header)}

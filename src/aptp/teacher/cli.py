@@ -58,6 +58,8 @@ def run_evaluate(args) -> int:
     print(f"{metrics['model']}: FID {metrics['fid']:.1f} (N={metrics['n_images']}, {metrics['resolution']} px)")
     for category in accuracy:
         print(f"  world accuracy {category:<8} {accuracy[category]:.3f}   (real images {real[category]:.3f})")
+    print(f"  words read back         {metrics['word_accuracy']:.3f}   (real images "
+          f"{metrics['word_accuracy_real_images']:.3f})")
     print(f"metrics and grid written to {args.out}")
     return 0
 

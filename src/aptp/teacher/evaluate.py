@@ -62,6 +62,8 @@ def evaluate_pipeline(pipeline, out: str | Path, per_category: int = 128, sampli
         "sampling": asdict(sampling),
         "world_accuracy": world.world_accuracy(fake, samples),
         "world_accuracy_real_images": world.world_accuracy(real, samples),
+        "word_accuracy": world.attribute_accuracy(fake, samples).get("text/word", float("nan")),
+        "word_accuracy_real_images": world.attribute_accuracy(real, samples).get("text/word", float("nan")),
         "fid": frechet_inception_distance(real, fake),
         "fid_reference": f"{len(samples)} real world test images of the same prompts, 64 px, "
                          "bilinear upsampling to 299 px, TF FID Inception",

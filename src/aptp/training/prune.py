@@ -98,6 +98,7 @@ class PruneConfig:
     # (their distance to the teacher under a fixed uniform pruning at the budget) to this power; 0: off.
     difficulty_exponent: float = 1.0
     lambda_code_size: float = 1.0
+    difficulty_rows: int = 512  # training rows whose difficulty is measured (once, before training)
     max_code_fraction: float = 0.95  # no code's target exceeds this fraction of dense MACs
     lambda_spread: float = 0.0  # the published -std + (1 - max) of the per-code MACs, capped at max_code_fraction
     # Optimisation.
@@ -123,8 +124,8 @@ class PruneConfig:
         if self.warmup_steps >= self.steps:
             raise APTPError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
         UnitOptions(ff_chunks=self.ff_chunks, depth=self.depth)
-        if self.difficulty_exponent < 0 or not 0 < self.max_code_fraction <= 1:
-            raise APTPError("difficulty_exponent must be >= 0 and max_code_fraction in (0, 1]")
+        if self.difficulty_exponent < 0 or not 0 < self.max_code_fraction <= 1 or self.difficulty_rows < 1:
+            raise APTPError("difficulty_exponent must be >= 0, max_code_fraction in (0, 1] and difficulty_rows >= 1")
         try:
             width_floors(UnitLayout([]), self.min_width)
         except ValueError as error:
@@ -247,10 +248,10 @@ def prepare(config: PruneConfig) -> PruneState:
 
 @torch.no_grad()
 def prompt_difficulty(unet, controller, gates: torch.Tensor, cache: dict, scheduler, scaling: float,
-                      config: PruneConfig, cache_file: Path, device, repeats: int = 2) -> torch.Tensor:
-    """Per training row, how far a fixed pruned model (``gates``) is from the dense teacher: the mean
+                      config: PruneConfig, cache_file: Path, device, repeats: int = 1) -> torch.Tensor:
+    """For the first ``difficulty_rows`` training rows, how far a fixed pruned model (``gates``) is from the dense teacher: the mean
     (min-SNR weighted) output MSE over ``repeats`` random timesteps. Computed once and cached."""
-    rows = len(cache["prompt_index"])
+    rows = min(config.difficulty_rows, len(cache["prompt_index"]))
     key = {"rows": rows, "budget": config.budget, "seed": config.seed, "min_snr_gamma": config.min_snr_gamma,
            "repeats": repeats}
     if cache_file.is_file():
@@ -281,8 +282,9 @@ def prompt_difficulty(unet, controller, gates: torch.Tensor, cache: dict, schedu
 
 @torch.no_grad()
 def code_difficulty(router: PromptRouter, train: dict, difficulty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean difficulty of the training rows each code receives by argmax routing, and its share of them."""
-    routes = router.route(train["prompt_embeddings"][train["prompt_index"]].to(router.codes.device)).cpu()
+    """Mean difficulty of the measured training rows each code receives by argmax routing, and its share of them."""
+    rows = train["prompt_index"][:len(difficulty)]
+    routes = router.route(train["prompt_embeddings"][rows].to(router.codes.device)).cpu()
     counts = torch.bincount(routes, minlength=router.num_codes).double()
     sums = torch.zeros(router.num_codes, dtype=torch.float64).index_add_(0, routes, difficulty.double())
     mean = torch.where(counts > 0, sums / counts.clamp_min(1), difficulty.double().mean())
