@@ -112,7 +112,13 @@ def test_ablation_summary_gives_mean_and_spread_over_seeds(tmp_path, capsys):
     assert summary["claims_held"] == [7, 7]
     table = format_table({"aptp": summary})
     assert "0.720 ± 0.028" in table and "7/8 7/8" in table
-    assert main(["ablation", "--output-dir", str(tmp_path), "--variants", "aptp", "--seeds"]) == 2
+    from aptp.evaluation.ablation import run_ablation
+    from aptp.utils import APTPError
+
+    with pytest.raises(APTPError, match="unknown ablation variant"):
+        run_ablation(tmp_path, ["aptp", "bogus"], [0])
+    with pytest.raises(APTPError, match="at least one seed"):
+        run_ablation(tmp_path, ["aptp"], [])
     assert main(["ablation", "--output-dir", str(tmp_path), "--set", "prune.bogus=1"]) == 2
     assert "unknown PruneConfig option" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
