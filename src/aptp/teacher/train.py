@@ -8,7 +8,6 @@ Checkpoints are atomic (safetensors + JSON); Ctrl-C writes one before exiting.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from .. import world
 from ..data import WorldImages
 from ..training.cache import EMPTY_PROMPT_INDEX, encode_dataset
 from ..training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from ..training.common import batch_index, run_loop
+from ..training.common import batch_index, run_loop, warmup_cosine_lr
 from ..utils import APTPError
 from .components import (
     TEACHER_DIR,
@@ -92,14 +91,6 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def _learning_rate(base: float, step: int, warmup: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the base rate."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def train_vae(out: str | Path, config: VAETrainConfig | None = None) -> AutoencoderKL:
     """Train the teacher's VAE into ``out/vae`` (checkpoints in ``out/vae-checkpoint``)."""
     config = config or VAETrainConfig()
@@ -122,7 +113,7 @@ def train_vae(out: str | Path, config: VAETrainConfig | None = None) -> Autoenco
         loss = (F.mse_loss(reconstruction, images) + config.l1_weight * F.l1_loss(reconstruction, images)
                 + config.kl_weight * posterior.kl().mean())
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(config.lr, step, config.warmup, config.steps)
+            group["lr"] = warmup_cosine_lr(config.lr, step, config.warmup, config.steps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
@@ -213,7 +204,7 @@ def train_unet(out: str | Path, vae_path: str | Path, config: UNetTrainConfig | 
             noise_scheduler.get_velocity(latents, noise, timesteps)
         loss = F.mse_loss(unet(noisy, timesteps, text_states).sample, target)
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(config.lr, step, config.warmup, config.steps)
+            group["lr"] = warmup_cosine_lr(config.lr, step, config.warmup, config.steps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)

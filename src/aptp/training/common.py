@@ -3,6 +3,7 @@ feature recording and data sources."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -47,6 +48,14 @@ def batch_index(step: int, batch: int, size: int, seed: int, rank: int, world: i
         order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
         index[epochs == epoch] = order[positions[epochs == epoch] % size]
     return index
+
+
+def warmup_cosine_lr(base: float, step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the base rate."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def diffusion_target(scheduler, latents, noise, timesteps):

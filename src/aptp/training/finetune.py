@@ -26,7 +26,7 @@ from ..utils import APTPError, write_json_atomic
 from .assign import CACHE_FILE, load_router, shard_file
 from .base_model import load_base_pipeline
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from .common import BlockRecorder, batch_index, noised_batch, run_loop, task_losses
+from .common import BlockRecorder, batch_index, noised_batch, run_loop, task_losses, warmup_cosine_lr
 
 
 @dataclass
@@ -34,6 +34,8 @@ class FinetuneConfig:
     steps: int = 100
     batch_size: int = 32
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # or "cosine": linear warm-up over lr_warmup steps, cosine decay to lr / 10
+    lr_warmup: int = 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     lambda_ddpm: float = 1.0
@@ -47,6 +49,10 @@ class FinetuneConfig:
     validation_prompts: int = 4
     validation_steps: int = 10
     mixed_precision: str = "no"
+
+    def __post_init__(self):
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise APTPError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "FinetuneConfig":
@@ -116,6 +122,9 @@ def finetune_architecture(base_model: str, options: UnitOptions, architecture: d
         ddpm, distill, blocks = task_losses(scheduler, batch, predicted, dense, student_blocks.take(),
                                             teacher_blocks.take(), config.min_snr_gamma, config.normalize_blocks)
         loss = config.lambda_ddpm * ddpm + config.lambda_distill * distill + config.lambda_blocks * blocks
+        if config.lr_schedule == "cosine":
+            for group in optimizer.param_groups:
+                group["lr"] = warmup_cosine_lr(config.lr, step, config.lr_warmup, config.steps)
         accelerator.backward(loss)
         if config.grad_clip:
             accelerator.clip_grad_norm_(student.parameters(), config.grad_clip)

@@ -5,8 +5,14 @@ The base UNet is frozen and gated by hooks. Each step:
   2. gates: every code samples relaxed-Bernoulli gates; each prompt takes its code's gates, with the
      straight-through gradient of its routing probabilities (so task losses reach the predictor);
   3. losses: diffusion loss of the gated UNet, distillation of output and block features from the
-     same UNet with open gates, resource loss on the exact MACs model, contrastive and
-     swapped-assignment losses on the router.
+     same UNet with open gates (min-SNR weighted; block terms normalised by the teacher's feature
+     energy), resource loss on the exact MACs model, contrastive and swapped-assignment losses on
+     the router.
+Allocations are bounded (every width unit keeps at least ``min_width`` of its elements, the
+highest-ranked ones), and experts are sized by difficulty: before training, each prompt's distance
+to the teacher under a fixed uniform pruning at the budget is measured once; each code's MACs target
+then grows with the mean difficulty of the prompts it receives, while the average over the prompts,
+routed as at inference, meets the budget.
 Runs unchanged under ``accelerate launch``; checkpoints are atomic and resuming is exact.
 """
 
@@ -378,8 +384,14 @@ def summarize_experts(state: PruneState) -> dict:
     counts = torch.bincount(routes, minlength=router.num_codes)
     share = (counts.float() / len(routes)).tolist()
     mean_fraction = float(torch.tensor(fractions, dtype=torch.float64)[routes].mean())
-    return {"architectures": architectures, "macs_fraction": fractions, "val_share": share,
-            "val_mean_macs_fraction": mean_fraction, "val_prompts": len(routes)}
+    summary = {"architectures": architectures, "macs_fraction": fractions, "val_share": share,
+               "val_mean_macs_fraction": mean_fraction, "val_prompts": len(routes)}
+    categories = state.train.get("categories", [])[:len(state.difficulty) if state.difficulty is not None else 0]
+    if categories and all(categories):
+        summary["difficulty_by_category"] = {
+            c: float(state.difficulty[[i for i, x in enumerate(categories) if x == c]].mean())
+            for c in sorted(set(categories))}
+    return summary
 
 
 @torch.no_grad()
@@ -417,6 +429,7 @@ def save_router(state: PruneState, config: PruneConfig, folder: Path) -> dict:
     write_json_atomic(folder / "experts.json", {
         "budget": config.budget, "resolution": state.resolution, "dense_macs": state.macs_model.dense,
         "val_mean_macs_fraction": summary["val_mean_macs_fraction"], "val_prompts": summary["val_prompts"],
+        "difficulty_by_category": summary.get("difficulty_by_category"),
         "config": asdict(config), "experts": experts,
     })
     return summary
@@ -430,6 +443,9 @@ def format_summary(summary: dict, state: PruneState, config: PruneConfig) -> str
         lines.append(f"  {k:<8}{share:>11.1%}{fraction:>15.3f}")
     lines.append(f"  mean MACs fraction over {summary['val_prompts']} validation prompts: "
                  f"{summary['val_mean_macs_fraction']:.3f}")
+    if "difficulty_by_category" in summary:
+        lines.append("prompt difficulty (distance to the teacher of a uniform L1 pruning at the budget) by category: "
+                     + ", ".join(f"{c} {v:.4f}" for c, v in summary["difficulty_by_category"].items()))
     return "\n".join(lines)
 
 
