@@ -21,6 +21,10 @@ from aptp.world import export_imagefolder
     ({"budget": 1.5}, "budget"),
     ({"steps": 10, "warmup_steps": 10}, "warmup_steps"),
     ({"depth": "some"}, "depth"),
+    ({"min_width": {"blocks": 0.5}}, "unknown width kind"),
+    ({"min_width": {"heads": 2}}, "must be in"),
+    ({"difficulty_exponent": -1}, "difficulty_exponent"),
+    ({"max_code_fraction": 0}, "max_code_fraction"),
 ])
 def test_config_validation(overrides, message):
     with pytest.raises((APTPError, ValueError), match=message):
@@ -82,10 +86,18 @@ def test_prune_sd2_style_pipeline_folder_from_the_cli(tmp_path, capsys):
     assert main(["prune", "--config", str(config), "--output-dir", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert "mean MACs fraction over 8 validation prompts" in printed
+    assert "prompt difficulty (distance to the teacher of a uniform L1 pruning at the budget)" in printed
     experts = json.loads((tmp_path / "out" / "router" / "experts.json").read_text())
     assert len(experts["experts"]) == 2 and experts["resolution"] == 64
+    assert set(experts["difficulty_by_category"]) == {"single", "two", "count", "text"}
+    assert all(v > 0 for v in experts["difficulty_by_category"].values())
     router = PromptRouter.from_pretrained(tmp_path / "out" / "router")
     assert router.config.metadata["budget"] == 0.6 and router.num_codes == 2
+    # The default width floors are part of the router: every expert keeps at least half of each attention.
+    assert router.config.min_width == PruneConfig().min_width
+    heads = [u.name for u in router.layout if u.kind == "heads"]
+    for expert in experts["experts"]:
+        assert all(2 * len(expert["architecture"][name]) >= router.layout[name].count for name in heads)
     assert list((tmp_path / "out").glob("prune/events.out.tfevents.*")), "TensorBoard logs are written"
     assert (tmp_path / "out" / "validation" / "step-000004.png").is_file()
 
