@@ -75,7 +75,7 @@ class PruneConfig:
     # Method.
     num_codes: int = 4
     budget: float = 0.6
-    depth: str = "last"
+    depth: str = "none"  # "last"/"all" also skip whole blocks; with width floors, skipping cut conditioning paths
     ff_chunks: int = 32
     arch_dim: int = 64
     hidden_dim: int = 256
@@ -98,8 +98,8 @@ class PruneConfig:
     min_snr_gamma: float | None = 5.0  # weights the diffusion and distillation losses (published: 5)
     normalize_blocks: bool = True  # block distillation divided by the teacher's feature energy per block
     # Bounded allocations: every width unit keeps at least this fraction of its elements (per kind),
-    # chosen by the learned ranking; the learned widths vary above the floor.
-    min_width: dict | None = field(default_factory=lambda: {"heads": 0.5, "ff": 0.25, "groups": 0.25})
+    # chosen by the learned ranking; the widths of codes with larger targets grow above the floor.
+    min_width: dict | None = field(default_factory=lambda: {"heads": 0.5, "ff": 0.5, "groups": 0.5})
     # Experts sized by difficulty: a code's MACs target grows with the mean difficulty of its prompts
     # (their distance to the teacher under a fixed uniform pruning at the budget) to this power; 0: off.
     difficulty_exponent: float = 1.0
@@ -254,35 +254,32 @@ def prepare(config: PruneConfig) -> PruneState:
 
 @torch.no_grad()
 def prompt_difficulty(unet, controller, gates: torch.Tensor, cache: dict, scheduler, scaling: float,
-                      config: PruneConfig, cache_file: Path, device, repeats: int = 1) -> torch.Tensor:
-    """For the first ``difficulty_rows`` training rows, how far a fixed pruned model (``gates``) is from the dense teacher: the mean
-    (min-SNR weighted) output MSE over ``repeats`` random timesteps. Computed once and cached."""
+                      config: PruneConfig, cache_file: Path, device) -> torch.Tensor:
+    """For the first ``difficulty_rows`` training rows, how far a fixed pruned model (``gates``) is from
+    the dense teacher: the (min-SNR weighted) output MSE at one random timestep. Computed once and cached."""
     rows = min(config.difficulty_rows, len(cache["prompt_index"]))
     key = {"rows": rows, "budget": config.budget, "seed": config.seed, "min_snr_gamma": config.min_snr_gamma,
-           "repeats": repeats}
-    if cache_file.is_file():
-        stored = load_file(cache_file)
-        if json.loads(cache_file.with_suffix(".json").read_text()) == key:
-            return stored["difficulty"]
+           "depth": config.depth, "ff_chunks": config.ff_chunks}
+    key_file = cache_file.with_suffix(".json")  # written last: a cache without it is incomplete
+    if cache_file.is_file() and key_file.is_file() and json.loads(key_file.read_text()) == key:
+        return load_file(cache_file)["difficulty"]
     generator = torch.Generator().manual_seed(config.seed * 7919 + 17)
-    total = torch.zeros(rows, dtype=torch.float64)
-    for _ in range(repeats):
-        for start in tqdm(range(0, rows, config.batch_size), desc="prompt difficulty", unit="batch", leave=False):
-            index = torch.arange(start, min(rows, start + config.batch_size))
-            batch = noised_batch(cache, index, scheduler, scaling, generator, device)
-            with controller.use(None):
-                teacher = unet(batch["noisy"], batch["timesteps"], batch["text"]).sample.float()
-            with controller.use(gates.to(device)[None]):
-                pruned = unet(batch["noisy"], batch["timesteps"], batch["text"]).sample.float()
-            error = (pruned - teacher).pow(2).flatten(1).mean(1)
-            weights = snr_weights(scheduler, batch["timesteps"], config.min_snr_gamma)
-            total[index] += (error * weights if weights is not None else error).double().cpu()
-    difficulty = (total / repeats).float()
+    difficulty = torch.zeros(rows)
+    for start in tqdm(range(0, rows, config.batch_size), desc="prompt difficulty", unit="batch", leave=False):
+        index = torch.arange(start, min(rows, start + config.batch_size))
+        batch = noised_batch(cache, index, scheduler, scaling, generator, device)
+        with controller.use(None):
+            teacher = unet(batch["noisy"], batch["timesteps"], batch["text"]).sample.float()
+        with controller.use(gates.to(device)[None]):
+            pruned = unet(batch["noisy"], batch["timesteps"], batch["text"]).sample.float()
+        error = (pruned - teacher).pow(2).flatten(1).mean(1)
+        weights = snr_weights(scheduler, batch["timesteps"], config.min_snr_gamma)
+        difficulty[index] = (error * weights if weights is not None else error).cpu()
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(cache_file.with_suffix(".json"), key)
     temporary = cache_file.with_name(cache_file.name + ".tmp")
     save_file({"difficulty": difficulty}, temporary)
     temporary.replace(cache_file)
+    write_json_atomic(key_file, key)
     return difficulty
 
 
