@@ -161,11 +161,9 @@ def test_width_floors_keep_the_highest_ranked_elements_in_training_and_in_expert
     experts = router.expert_architectures()
     assert experts[0]["b:heads"] == [2, 3] and experts[0]["c:ff"] == [3, 4, 5]
     assert len(experts[0]["a:groups"]) == 4  # the rounding minimum of 2-channel groups, no floor
-    # A kept-by-floor element passes no gradient; the others do.
+    # Every element, kept by the floor or not, passes gradient: the task losses rank them all.
     gates.sum().backward()
-    grad = router.hypernet[-1].bias.grad
-    assert grad[layout.slice_of("b:heads")][2:].abs().sum() == 0
-    assert grad[layout.slice_of("b:heads")][:2].abs().sum() > 0
+    assert (router.hypernet[-1].bias.grad[layout.slice_of("b:heads")] != 0).all()
 
 
 def test_width_floors_reject_unknown_kinds_and_bad_fractions():

@@ -108,7 +108,8 @@ class PromptRouter(ModelMixin, ConfigMixin):
 
         ``noise_scale`` scales the logistic noise: 1 samples Bernoulli(p) gates, 0 gives exactly the
         deterministic architecture that :meth:`expert_architectures` materialises (before rounding).
-        The highest-logit elements that a unit's width floor keeps are always open, without gradient.
+        The highest-logit elements that a unit's width floor keeps are always open; their gradient still
+        flows, so the task losses keep ranking every element.
         """
         logits = self.gate_logits()
         # Drawn on the CPU so a CPU generator gives the same noise on any device.
@@ -118,7 +119,7 @@ class PromptRouter(ModelMixin, ConfigMixin):
         soft = torch.sigmoid((logits + noise) / temperature)
         kept = self.floor_mask(logits)
         hard = ((soft > 0.5) | kept).to(soft.dtype)
-        return hard + (soft - soft.detach()) * (~kept).to(soft.dtype)  # exactly 0/1 in value
+        return hard + (soft - soft.detach())  # exactly 0/1 in value
 
     def floor_mask(self, logits: torch.Tensor) -> torch.Tensor:
         """(K, U) bool: the elements each unit's width floor keeps open (its highest logits)."""
