@@ -166,3 +166,16 @@ def test_harder_prompts_get_the_bigger_expert(tmp_path):
     assert len(easy_code) == len(hard_code) == 1 and easy_code != hard_code  # the groups are separated
     easy, hard = experts[easy_code.pop()]["macs_fraction"], experts[hard_code.pop()]["macs_fraction"]
     assert hard > easy + 0.03, (hard, easy)
+
+
+def test_magnitude_prior_is_standardised_within_each_width_unit():
+    from aptp.training.prune import within_unit_zscores
+    from aptp.units import UnitLayout, UnitSpec
+
+    layout = UnitLayout([UnitSpec("a:block", "resnet", 1), UnitSpec("a:groups", "groups", 4, element_size=2),
+                         UnitSpec("b:heads", "heads", 2, element_size=8)])
+    values = torch.tensor([float("inf"), 1.0, 2.0, 3.0, 4.0, 10.0, 30.0])
+    z = within_unit_zscores(layout, values)
+    assert z[0] == 0  # depth units keep no prior
+    assert torch.argsort(z[1:5]).tolist() == [0, 1, 2, 3] and z[1:5].mean().abs() < 1e-6
+    torch.testing.assert_close(z[5:], torch.tensor([-0.70710677, 0.70710677]))

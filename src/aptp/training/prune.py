@@ -81,6 +81,9 @@ class PruneConfig:
     hidden_dim: int = 256
     hyper_hidden_dim: int = 256
     gate_offset: float = 3.0
+    # Initial gate logits of every code get this times the L1 magnitude of each element, z-scored within
+    # its unit: the ranking starts from magnitude pruning's and the task losses refine it. 0: off.
+    magnitude_prior: float = 1.0
     gate_temperature_start: float = 1.0
     gate_temperature_end: float = 0.2
     gate_noise_start: float = 1.0  # logistic-noise scale of sampled gates, annealed linearly after warm-up,
@@ -236,13 +239,16 @@ def prepare(config: PruneConfig) -> PruneState:
         },
         min_width=config.min_width,
     )
+    magnitudes = family.element_magnitudes(unet, options)
+    if config.magnitude_prior:
+        with torch.no_grad():
+            router.hypernet[-1].bias += config.magnitude_prior * within_unit_zscores(macs_model.layout, magnitudes)
     optimizer = torch.optim.AdamW(router.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     router, optimizer = accelerator.prepare(router, optimizer)
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     difficulty = None
     if config.difficulty_exponent > 0 and config.num_codes > 1:
-        reference = uniform_width_architecture(macs_model, config.budget,
-                                               scores=family.element_magnitudes(unet, options))
+        reference = uniform_width_architecture(macs_model, config.budget, scores=magnitudes)
         with accelerator.main_process_first():
             difficulty = prompt_difficulty(unet, controller, macs_model.layout.gates_from_architecture(reference),
                                            train, scheduler, pipeline.vae.config.scaling_factor, config,
@@ -250,6 +256,17 @@ def prepare(config: PruneConfig) -> PruneState:
     return PruneState(accelerator, pipeline, unet, controller, macs_model, router, optimizer, scheduler,
                       BlockRecorder(family.feature_modules(unet)), train, val, latent_size, resolution, text_length,
                       difficulty)
+
+
+def within_unit_zscores(layout: UnitLayout, values: torch.Tensor) -> torch.Tensor:
+    """Each width unit's values standardised within the unit (zero mean, unit spread); depth units get 0."""
+    scores = torch.zeros(layout.num_elements)
+    for unit in layout:
+        if unit.is_depth or unit.count < 2:
+            continue
+        part = values[layout.slice_of(unit.name)].double()
+        scores[layout.slice_of(unit.name)] = ((part - part.mean()) / part.std().clamp_min(1e-12)).float()
+    return scores
 
 
 @torch.no_grad()
