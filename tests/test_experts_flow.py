@@ -31,8 +31,19 @@ def test_full_flow_from_the_cli(tmp_path, capsys):
                  "validation_steps=2"]) == 0
     finetuned = [k for k in range(2) if (tmp_path / "experts" / f"expert-{k}" / "config.json").is_file()]
     assert finetuned, "at least one expert received prompts and was fine-tuned"
+    # A mistyped or empty experts folder is an error, never experts shipped without fine-tuning.
+    assert main(["export", "--router", router, "--experts", str(tmp_path / "expertz"), "--out",
+                 str(tmp_path / "pipeline")]) == 2
+    assert "no experts folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["export", "--router", router, "--experts", str(tmp_path / "empty"), "--out",
+                 str(tmp_path / "pipeline")]) == 2
+    assert "holds no fine-tuned expert" in capsys.readouterr().err
+    assert not (tmp_path / "pipeline").exists()
     assert main(["export", "--router", router, "--experts", str(tmp_path / "experts"), "--out",
                  str(tmp_path / "pipeline")]) == 0
+    if len(finetuned) < 2:
+        assert "not fine-tuned" in capsys.readouterr().out
     loaded = APTPPipeline.from_pretrained(tmp_path / "pipeline")
     k = finetuned[0]
     reference = APTPPipeline.from_pretrained(tmp_path / "pipeline").experts[k]

@@ -18,8 +18,11 @@ def build_pipeline(router_dir: str | Path, experts_dir: str | Path | None = None
     """Router + experts + the base pipeline's VAE, text encoder, tokenizer and scheduler.
 
     Experts fine-tuned into ``experts_dir/expert-K`` are used where present; the others are sliced
-    from the base UNet as they are.
+    from the base UNet as they are (named in a printed note). A missing ``experts_dir``, or one that
+    holds no expert of this router, is an error.
     """
+    if experts_dir is not None and not Path(experts_dir).is_dir():
+        raise APTPError(f"no experts folder at {experts_dir}")
     router, experts = load_router(router_dir)
     metadata = router.config.metadata
     base = load_base_pipeline(metadata["base_model"])
@@ -28,11 +31,19 @@ def build_pipeline(router_dir: str | Path, experts_dir: str | Path | None = None
     options = UnitOptions.from_dict(metadata["unit_options"])
     macs_model = family.build_macs_model(base.unet, tuple(metadata["latent_size"]), metadata["text_length"], options)
     bank = APTPExpertBank.from_base(base.unet, architectures, macs_model, options, metadata["resolution"])
+    missing = []
     for k in range(len(bank)):
         folder = expert_folder(experts_dir, k) if experts_dir else None
         if folder is not None and (folder / "config.json").is_file():
             bank.experts[k] = family.APTPUNet2DConditionModel.from_pretrained(folder).eval()
             if bank.experts[k].config.aptp_widths != bank.config.expert_widths[k]:
                 raise APTPError(f"{folder} does not hold expert {k} of this router (its widths differ)")
+        elif folder is not None:
+            missing.append(k)
+    if experts_dir is not None and len(missing) == len(bank):
+        raise APTPError(f"{experts_dir} holds no fine-tuned expert (expected expert-K folders from `aptp finetune`)")
+    if missing:
+        print(f"note: expert(s) {', '.join(map(str, missing))} not fine-tuned (no folder in {experts_dir}); "
+              "sliced from the base model as they are")
     return APTPPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
                         scheduler=base.scheduler, router=router, experts=bank)
