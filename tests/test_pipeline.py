@@ -73,6 +73,30 @@ def test_bad_calls_are_clear_errors(aptp_pipeline):
         aptp_pipeline(["a", "b"], generator=[torch.Generator()])
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"num_inference_steps": 0}, "num_inference_steps"),
+    ({"num_inference_steps": -1}, "num_inference_steps"),
+    ({"num_inference_steps": 2.5}, "num_inference_steps"),
+    ({"guidance_scale": float("nan")}, "guidance_scale"),
+    ({"guidance_scale": -1.0}, "guidance_scale"),
+    ({"height": 64}, "both height and width"),
+    ({"height": 72, "width": 64}, "multiple of"),
+    ({"height": 0, "width": 0}, "multiple of"),
+    ({"output_type": "latentz"}, "output_type"),
+    ({"max_batch_size": 0}, "max_batch_size"),
+])
+def test_bad_generation_settings_are_refused_before_any_work(aptp_pipeline, settings, message, monkeypatch):
+    monkeypatch.setattr(type(aptp_pipeline), "route", lambda *args: pytest.fail("routed despite bad settings"))
+    with pytest.raises(APTPError, match=message):
+        aptp_pipeline(["a red circle"], **settings)
+
+
+def test_small_batches_give_the_same_images(aptp_pipeline):
+    generators = [torch.Generator().manual_seed(i) for i in range(6)]
+    chunked = aptp_pipeline(PROMPTS, generator=generators, num_inference_steps=2, output_type="pt", max_batch_size=1)
+    torch.testing.assert_close(chunked.images, _generate(aptp_pipeline, PROMPTS, range(6)).images, rtol=0, atol=1e-5)
+
+
 def test_world_teacher_experts_batch_independently(tmp_path):
     """The same on the shipped world teacher: three experts of different sizes, mixed prompts."""
     from aptp.families.unet2d_condition import build_macs_model

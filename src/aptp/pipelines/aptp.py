@@ -7,6 +7,7 @@ config and loaded on first use.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,12 +72,15 @@ class APTPPipeline(DiffusionPipeline):
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
                  num_inference_steps: int = 25, guidance_scale: float = 4.0,
                  generator: torch.Generator | list[torch.Generator] | None = None, height: int | None = None,
-                 width: int | None = None, output_type: str = "pil") -> APTPPipelineOutput:
+                 width: int | None = None, output_type: str = "pil",
+                 max_batch_size: int = 32) -> APTPPipelineOutput:
         """Generate one image per prompt. Pass one generator per prompt for results that do not depend
-        on which other prompts share the call."""
+        on which other prompts share the call. Each expert denoises its prompts in batches of at most
+        ``max_batch_size``, so memory does not grow with the number of prompts."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise APTPError("every prompt must be a non-empty string")
+        self.check_settings(num_inference_steps, guidance_scale, height, width, output_type, max_batch_size)
         negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt] * len(prompts)
         generators = generator if isinstance(generator, list) else [generator] * len(prompts)
         if len(negatives) != len(prompts) or len(generators) != len(prompts):
@@ -84,22 +88,48 @@ class APTPPipeline(DiffusionPipeline):
         routes = self.route(prompts)
         images: list[torch.Tensor | None] = [None] * len(prompts)
         for expert in sorted(set(routes)):
-            members = [i for i, r in enumerate(routes) if r == expert]
-            group_generators = [generators[i] for i in members]
-            result = self.expert_pipeline(expert)(
-                prompt=[prompts[i] for i in members],
-                negative_prompt=None if negative_prompt is None else [negatives[i] or "" for i in members],
-                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                generator=None if group_generators[0] is None else
-                (group_generators if isinstance(generator, list) else group_generators[0]),
-                height=height, width=width, output_type="pt")
-            for i, image in zip(members, result.images):
-                images[i] = image.float().cpu()
+            routed = [i for i, r in enumerate(routes) if r == expert]
+            for start in range(0, len(routed), max_batch_size):
+                self._generate(expert, routed[start:start + max_batch_size], prompts, negatives, negative_prompt,
+                               generators, generator, num_inference_steps, guidance_scale, height, width, images)
         stacked = torch.stack(images)
         output = {"pil": lambda: to_pil(stacked), "np": lambda: stacked.permute(0, 2, 3, 1).numpy(),
-                  "pt": lambda: stacked}.get(output_type)
-        if output is None:
-            raise APTPError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+                  "pt": lambda: stacked}[output_type]
         macs = [self.experts.config.expert_macs[r] for r in routes]
         return APTPPipelineOutput(images=output(), experts=routes, macs=macs,
                                   macs_fraction=[m / self.experts.config.dense_macs for m in macs])
+
+    def check_settings(self, steps, guidance_scale, height, width, output_type, max_batch_size) -> None:
+        """Refuse generation settings that would fail deep in the scheduler or silently give wrong images."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise APTPError(f"num_inference_steps must be a positive integer, got {steps!r}")
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise APTPError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise APTPError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+        if output_type not in ("pil", "np", "pt"):
+            raise APTPError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if (height is None) != (width is None):
+            raise APTPError("give both height and width, or neither")
+        if height is not None:
+            # Every down-sampling stage of the UNet halves the latent; the VAE scales pixels to latents.
+            vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            multiple = vae_scale * 2 ** (len(self.experts[0].config.block_out_channels) - 1)
+            for name, value in (("height", height), ("width", width)):
+                if isinstance(value, bool) or not isinstance(value, int) or value < multiple or value % multiple:
+                    raise APTPError(f"{name} must be a positive multiple of {multiple} pixels for this model, "
+                                    f"got {value!r}")
+
+    def _generate(self, expert, members, prompts, negatives, negative_prompt, generators, generator,
+                  num_inference_steps, guidance_scale, height, width, images) -> None:
+        """Denoise ``members`` (prompt indices) with one expert as one batch; write into ``images``."""
+        group_generators = [generators[i] for i in members]
+        result = self.expert_pipeline(expert)(
+            prompt=[prompts[i] for i in members],
+            negative_prompt=None if negative_prompt is None else [negatives[i] or "" for i in members],
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            generator=None if group_generators[0] is None else
+            (group_generators if isinstance(generator, list) else group_generators[0]),
+            height=height, width=width, output_type="pt")
+        for i, image in zip(members, result.images):
+            images[i] = image.float().cpu()
