@@ -96,3 +96,25 @@ def test_block_distillation_normalised_per_block_by_the_teacher_energy():
     assert raw.item() == pytest.approx((0.01 + 1.0) / 2)
     normalised = block_distillation(student, teacher, normalize=True)
     assert normalised.item() == pytest.approx((0.01 / 0.01 + 1.0 / 100.0) / 2)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"budget": "abc"}, "'budget' must be float"),
+    ({"num_codes": 2.5}, "'num_codes' must be int"),
+    ({"num_codes": True}, "'num_codes' must be int"),
+    ({"min_width": 0.5}, "'min_width' must be dict or None"),
+    ({"normalize_blocks": "yes"}, "'normalize_blocks' must be bool"),
+])
+def test_options_of_the_wrong_type_are_one_line_errors(overrides, message):
+    from aptp.training.prune import PruneConfig
+
+    with pytest.raises(APTPError, match=message):
+        config_from_dict(PruneConfig, overrides)
+
+
+def test_options_widen_ints_to_floats_and_lists_to_tuples():
+    from aptp.training.prune import PruneConfig
+
+    config = config_from_dict(PruneConfig, {"budget": 1, "min_snr_gamma": None})
+    assert config.budget == 1.0 and isinstance(config.budget, float) and config.min_snr_gamma is None
+    assert config_from_dict(UNetTrainConfig, {"block_out_channels": [32, 64]}).block_out_channels == (32, 64)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+import typing
 from dataclasses import asdict, dataclass, fields
 
 import yaml
@@ -40,12 +42,35 @@ class UnitOptions:
 
 
 def config_from_dict(cls, data: dict):
-    """A config dataclass from ``data``; unknown keys are errors (a typo never passes silently)."""
+    """A config dataclass from ``data``; unknown keys and values of the wrong type are errors (a typo
+    never passes silently). Integers are accepted where a float is expected."""
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise APTPError(f"unknown {cls.__name__} option(s): {unknown}; known: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    data = {name: _checked(cls.__name__, name, value, hints[name]) for name, value in data.items()}
     return cls(**data)
+
+
+def _checked(owner: str, name: str, value, hint):
+    """``value`` if it has the type ``hint`` allows (ints widen to floats, lists to tuples)."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            return value
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin in (bool, str, dict) and isinstance(value, origin):
+            return value
+        if origin in (tuple, list) and isinstance(value, (tuple, list)):
+            return origin(value)
+    names = " or ".join("None" if o is type(None) else getattr(typing.get_origin(o) or o, "__name__", str(o))
+                        for o in options)
+    raise APTPError(f"{owner} option {name!r} must be {names}, got {value!r}")
 
 
 def parse_overrides(items: list[str] | None) -> dict:
