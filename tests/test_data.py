@@ -65,3 +65,29 @@ def test_bad_sources_are_clear_errors(tmp_path):
         CaptionedImages([], 32)
     assert collate([{"index": 0, "prompt": "x", "category": None, "pixel_values": None}])["pixel_values"] is None
     assert torch.is_tensor(collate([])["index"])
+
+
+def test_encoded_cache_is_reused_only_for_the_same_source_and_leaves_the_global_rng_alone(tmp_path):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from aptp.data import WorldImages
+    from aptp.training.cache import encode_dataset
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[8], norm_num_groups=4, latent_channels=4, sample_size=64)
+    calls = []
+
+    def text(prompts):
+        calls.append(len(prompts))
+        return torch.zeros(len(prompts), 2, 3)
+
+    torch.manual_seed(1)
+    first = encode_dataset(WorldImages(4), vae, text, tmp_path / "c.safetensors", source={"seed": 0})
+    after_encoding = torch.rand(1)
+    torch.manual_seed(1)
+    reused = encode_dataset(WorldImages(4), vae, text, tmp_path / "c.safetensors", source={"seed": 0})
+    assert torch.equal(torch.rand(1), after_encoding), "encoding or reusing must not move the global RNG"
+    assert len(calls) == 1 and torch.equal(reused["latent_mean"], first["latent_mean"])
+    encode_dataset(WorldImages(4), vae, text, tmp_path / "c.safetensors", source={"seed": 1})
+    assert len(calls) == 2, "another source of the same length is encoded again"

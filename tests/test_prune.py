@@ -179,3 +179,11 @@ def test_magnitude_prior_is_standardised_within_each_width_unit():
     assert z[0] == 0  # depth units keep no prior
     assert torch.argsort(z[1:5]).tolist() == [0, 1, 2, 3] and z[1:5].mean().abs() < 1e-6
     torch.testing.assert_close(z[5:], torch.tensor([-0.70710677, 0.70710677]))
+
+
+def test_a_run_with_other_settings_is_not_resumed(tmp_path):
+    settings = _tiny_run(tmp_path)
+    settings["steps"] = 2
+    run_prune(PruneConfig(**settings, output_dir=str(tmp_path / "a")))
+    with pytest.raises(APTPError, match=r"other settings \(differs in \['budget'\]\)"):
+        run_prune(PruneConfig(**{**settings, "budget": 0.5}, output_dir=str(tmp_path / "a")))

@@ -182,7 +182,9 @@ def train_unet(out: str | Path, vae_path: str | Path, config: UNetTrainConfig | 
     scaling = vae.config.scaling_factor
     cache = encode_dataset(WorldImages(config.dataset_size, "train", config.seed), vae,
                            lambda prompts: pipeline.encode_prompt(prompts, "cpu", 1, False)[0],
-                           out / "world-cache.safetensors")
+                           out / "world-cache.safetensors",
+                           source={"data": "world", "split": "train", "size": config.dataset_size, "seed": config.seed,
+                                   "vae": str(Path(vae_path).resolve())})
     size = len(cache["prompt_index"])
     row_weights = _row_weights(cache["categories"], config.category_weights)
 

@@ -18,7 +18,7 @@ from ..routing import PromptRouter
 from ..routing.encoder import PromptEncoder
 from ..utils import APTPError, write_json_atomic
 from .base_model import load_base_pipeline
-from .cache import encode_dataset
+from .cache import data_source, encode_dataset
 from .common import make_datasets
 
 CACHE_FILE = "cache.safetensors"
@@ -67,7 +67,9 @@ def run_assign(router_dir: str | Path, out: str | Path, data: str | None = None,
     _reuse_training_cache(Path(router_dir), out, (data, size, seed) == (trained["data"], trained["train_size"],
                                                                           trained["seed"]))
     cache = encode_dataset(dataset, pipeline.vae, lambda p: pipeline.encode_prompt(p, pipeline.device, 1, False)[0],
-                           out / CACHE_FILE, encoder.encode)
+                           out / CACHE_FILE, encoder.encode,
+                           source=data_source(metadata["base_model"], data, metadata["resolution"], seed,
+                                              router.config.prompt_encoder, "train", size))
     with torch.no_grad():
         prompt_routes = router.route(cache["prompt_embeddings"])
     routes = prompt_routes[cache["prompt_index"]].tolist()

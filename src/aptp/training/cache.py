@@ -20,22 +20,35 @@ from ..utils import APTPError, write_json_atomic
 EMPTY_PROMPT_INDEX = 0  # the empty prompt (classifier-free guidance) is always entry 0
 
 
+def data_source(model: str, data: str, resolution: int, seed: int, prompt_encoder: str, split: str,
+                size: int) -> dict:
+    """What an encoded cache was made from; a cache is reused only for the same source."""
+    return {"model": model, "data": data, "resolution": resolution, "seed": seed, "prompt_encoder": prompt_encoder,
+            "split": split, "size": size}
+
+
 @torch.no_grad()
 def encode_dataset(dataset, vae, encode_text: Callable[[list[str]], torch.Tensor], cache_file: str | Path,
                    encode_sentences: Callable[[list[str]], torch.Tensor] | None = None,
-                   batch_size: int = 64) -> dict[str, torch.Tensor]:
+                   batch_size: int = 64, source: dict | None = None) -> dict[str, torch.Tensor]:
     """Tensors: ``latent_mean``/``latent_std`` (N, C, h, w), ``prompt_index`` (N,), ``dataset_index``
     (N,), ``text_states`` (P, L, D) fp16 and, with ``encode_sentences``, ``prompt_embeddings`` (P, E);
     lists (kept in a JSON file beside the tensors): ``prompts`` (P) and ``categories`` (N).
-    Unreadable images are dropped (``skipped`` holds their count). A cache of the same length is reused.
+    Unreadable images are dropped (``skipped`` holds their count). A cache of the same length and the same
+    ``source`` (what the data and encoders are, e.g. data path, size, seed, model) is reused.
     """
     cache_file = Path(cache_file)
     text_file = cache_file.with_suffix(".json")
+    source = json.loads(json.dumps(source or {}))
     if cache_file.is_file() and text_file.is_file():
         cache = load_file(cache_file)
-        if int(cache["requested"]) == len(dataset):
-            return {**cache, **json.loads(text_file.read_text())}
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=0)
+        texts = json.loads(text_file.read_text())
+        if int(cache["requested"]) == len(dataset) and texts.pop("source", {}) == source:
+            return {**cache, **texts}
+    # Its own generator: iterating a DataLoader otherwise draws from the global RNG, so whether a cache
+    # existed would change everything seeded after it.
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=0,
+                                         generator=torch.Generator())
     means, stds, prompt_index, dataset_index, prompts, skipped = [], [], [], [], {"": EMPTY_PROMPT_INDEX}, 0
     categories = []
     for batch in tqdm(loader, desc="encoding dataset", unit="batch"):
@@ -64,8 +77,9 @@ def encode_dataset(dataset, vae, encode_text: Callable[[list[str]], torch.Tensor
     if encode_sentences is not None:
         cache["prompt_embeddings"] = torch.cat([encode_sentences(c).float().cpu() for c in chunks]).contiguous()
     texts = {"prompts": ordered, "categories": categories}
-    write_json_atomic(text_file, texts)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
     temporary = cache_file.with_name(cache_file.name + ".tmp")
     save_file(cache, temporary)
     temporary.replace(cache_file)
+    write_json_atomic(text_file, {**texts, "source": source})  # last: a cache without it is not reused
     return {**cache, **texts}

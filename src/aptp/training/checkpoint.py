@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..utils import APTPError
+
 STATE_FILE = "state.json"
 
 
@@ -85,3 +87,13 @@ def load_checkpoint(folder: str | os.PathLike, modules: dict[str, torch.nn.Modul
     if optimizer is not None and "optimizer" in payload:
         _load_optimizer(optimizer, load_file(folder / "optimizer.safetensors"), payload["optimizer"])
     return payload["state"]
+
+
+def check_same_settings(found: Path, state: dict, config: dict) -> None:
+    """Refuse to resume a checkpoint written with other settings: the run would mix two configs."""
+    saved = json.loads(json.dumps(state.get("config", {})))
+    current = json.loads(json.dumps(config))
+    different = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if different:
+        raise APTPError(f"{found} holds a run with other settings (differs in {different}); "
+                        "use another output folder, or delete it to start over")

@@ -47,8 +47,8 @@ from ..routing.router import width_floors
 from ..units import UnitLayout, uniform_width_architecture
 from ..utils import APTPError, write_json_atomic
 from .base_model import load_base_pipeline
-from .cache import encode_dataset
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .cache import data_source, encode_dataset
+from .checkpoint import check_same_settings, find_checkpoint, load_checkpoint, save_checkpoint
 from .common import (
     WORLD,
     BlockRecorder,
@@ -223,10 +223,15 @@ def prepare(config: PruneConfig) -> PruneState:
     def text_states(prompts):
         return pipeline.encode_prompt(prompts, accelerator.device, 1, False)[0]
 
+    def source(split: str, size: int) -> dict:
+        return data_source(config.model, config.data, resolution, config.seed, config.prompt_encoder, split, size)
+
     with accelerator.main_process_first():
         train = encode_dataset(train_set, pipeline.vae, text_states, out / "cache" / "train.safetensors",
-                               encoder.encode)
-        val = encode_dataset(val_set, pipeline.vae, text_states, out / "cache" / "val.safetensors", encoder.encode)
+                               encoder.encode, source=source("train", config.train_size))
+        # The validation records of a dataset follow its training records: their source names both sizes.
+        val = encode_dataset(val_set, pipeline.vae, text_states, out / "cache" / "val.safetensors", encoder.encode,
+                             source=source(f"val after {config.train_size}", config.val_size))
     router = PromptRouter(
         units=macs_model.layout.to_dict(), num_codes=config.num_codes, prompt_dim=encoder.dim,
         arch_dim=config.arch_dim, hidden_dim=config.hidden_dim, hyper_hidden_dim=config.hyper_hidden_dim,
@@ -474,7 +479,9 @@ def run_prune(config: PruneConfig) -> dict:
     checkpoint = out / "checkpoint"
     start = 0
     if found := find_checkpoint(checkpoint):
-        start = load_checkpoint(found, {"router": accelerator.unwrap_model(state.router)}, state.optimizer)["step"]
+        saved = load_checkpoint(found, {"router": accelerator.unwrap_model(state.router)}, state.optimizer)
+        check_same_settings(found, saved, asdict(config))
+        start = saved["step"]
         accelerator.print(f"resuming from step {start}")
 
     def save(step: int) -> None:
