@@ -42,6 +42,12 @@ def test_demo_runs_resumes_and_writes_a_report(tmp_path, capsys):
     assert main(["demo", "--output-dir", str(out), "--set", *settings[:-1], "evaluation.latency_repeats=2"]) == 0
     assert capsys.readouterr().out.count("done earlier, skipped") == 7
     assert json.loads((out / "report" / "metrics.json").read_text())["evaluation"]["latency_repeats"] == 2
+    # Other fine-tuning settings redo the fine-tuning and everything after it, but not the pruning.
+    settings = [s.replace("finetune.steps=2", "finetune.steps=3") for s in settings]
+    assert main(["demo", "--output-dir", str(out), "--set", *settings]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done earlier, skipped") == 2 and printed.count("settings changed, redoing it") == 6
+    assert json.loads((out / "experts" / "expert-0" / "aptp_expert.json").read_text())["config"]["steps"] == 3
 
     # The same models through `aptp evaluate`, with CLIP score and CMMD from a tiny local CLIP.
     clip = make_tiny_clip(tmp_path)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from aptp.metrics.fid import FIDInception, frechet_inception_distance
+from aptp.metrics.fid import FIDInception, FrechetDistance, frechet_inception_distance
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +26,10 @@ def test_fid_is_small_for_the_same_images_and_large_for_noise(inception):
     different = frechet_inception_distance(base, noise, inception=inception)
     assert abs(same) < 1e-2
     assert different > 50
+    # One scorer for several sets (real features computed once) gives the same numbers in any order.
+    scorer = FrechetDistance(base, inception=inception)
+    assert scorer(noise) == pytest.approx(different, rel=1e-4)
+    assert scorer(base) == pytest.approx(same, abs=1e-2)
 
 
 def _numpy_cmmd(x, y, sigma=10.0):

@@ -23,7 +23,7 @@ from .. import world
 from ..config import config_from_dict
 from ..families import family_of
 from ..metrics.clip import CLIPEmbedder, clip_score, cmmd
-from ..metrics.fid import FIDInception, frechet_inception_distance
+from ..metrics.fid import FrechetDistance
 from ..pipelines import APTPPipeline, pipeline_with_unet
 from ..teacher.train import images_to_tensor
 from ..training.base_model import load_base_pipeline
@@ -149,7 +149,7 @@ def evaluate_candidates(candidates: list[Candidate], config: EvalConfig, family,
     samples = world.generate(config.per_category * len(world.CATEGORIES), "test", seed=config.seed)
     prompts = [s.prompt for s in samples]
     real = (images_to_tensor(s.image for s in samples) + 1) / 2
-    inception = FIDInception()
+    fid = FrechetDistance(real)
     embedder = CLIPEmbedder(config.clip) if config.clip else None
     real_clip = embedder.images(real) if embedder else None
     results, images = {}, {}
@@ -173,7 +173,7 @@ def evaluate_candidates(candidates: list[Candidate], config: EvalConfig, family,
             "macs_fraction": sum(fractions) / len(fractions),
             "parameters": candidate.parameters,
             "images_per_s": len(prompts) / elapsed,
-            "fid": frechet_inception_distance(real, fake, inception=inception),
+            "fid": fid(fake),
             "world_accuracy": world.world_accuracy(fake, samples),
             "word_accuracy": _word_accuracy(fake, samples),
         }

@@ -9,6 +9,7 @@ evaluate everything side by side with the dense teacher -> report.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -23,6 +24,7 @@ from ..families import family_of
 from ..pipelines.build import build_pipeline
 from ..training.assign import SUMMARY_FILE, load_router, run_assign
 from ..training.base_model import WORLD, load_base_pipeline
+from ..training.cache import copy_cache
 from ..training.finetune import FinetuneConfig, expert_folder, finetune_architecture, run_finetune
 from ..training.prune import load_prune_config, run_prune
 from ..units import uniform_width_architecture
@@ -30,6 +32,7 @@ from ..utils import APTPError, write_json_atomic
 from .compare import EvalConfig, evaluate_folders
 
 BASELINES = ("static", "magnitude", "random")
+STAGES_FILE = "stages.json"
 
 
 @dataclass
@@ -45,20 +48,37 @@ class DemoConfig:
 
 
 class Stages:
-    """Prints one line per stage with its run time, and skips the stages whose output exists."""
+    """Prints one line per stage with its run time, and skips the stages whose output exists and was made
+    with the same settings. A stage whose settings changed is redone from scratch (its output is replaced);
+    each stage's settings include those of the stages it builds on, so everything downstream is redone too.
+    The settings of the finished stages are kept in ``STAGES_FILE`` beside their outputs."""
 
-    def __init__(self, total: int):
-        self.total, self.index = total, 0
+    def __init__(self, total: int, record: Path | None = None):
+        self.total, self.index, self.record = total, 0, record
+        self.recorded = json.loads(record.read_text()) if record is not None and record.is_file() else {}
 
-    def run(self, name: str, done: bool, action) -> None:
+    def run(self, name: str, done: bool, action, settings: dict | None = None, output: Path | None = None) -> None:
         self.index += 1
-        if done:
+        settings = json.loads(json.dumps(settings)) if settings is not None else None
+        entry = self.recorded.get(name, {})
+        same = settings is None or entry.get("settings") == settings
+        if done and same:
             print(f"[{self.index}/{self.total}] {name}: done earlier, skipped", flush=True)
             return
+        if not same and output is not None and output.exists():
+            # Made (or begun) with other settings: what it left cannot be resumed, only replaced.
+            print(f"[{self.index}/{self.total}] {name}: settings changed, redoing it", flush=True)
+            shutil.rmtree(output)
         print(f"[{self.index}/{self.total}] {name}", flush=True)
+        self._record(name, settings)
         start = time.perf_counter()
         action()
         print(f"[{self.index}/{self.total}] {name}: {_minutes(time.perf_counter() - start)}", flush=True)
+
+    def _record(self, name: str, settings: dict | None) -> None:
+        if settings is not None and self.record is not None:
+            self.recorded[name] = {"settings": settings}
+            write_json_atomic(self.record, self.recorded)
 
 
 def _minutes(seconds: float) -> str:
@@ -107,7 +127,7 @@ def run_baselines(config: DemoConfig, stages: Stages | None = None) -> dict[str,
     router_dir, assign_dir = out / "prune" / "router", out / "assign"
     if not (assign_dir / SUMMARY_FILE).is_file():
         raise APTPError(f"no finished mixture in {out} (missing {assign_dir / SUMMARY_FILE}); run `aptp demo` first")
-    stages = stages or Stages(len(config.baselines))
+    stages = stages or Stages(len(config.baselines), out / STAGES_FILE)
     summary = json.loads((assign_dir / SUMMARY_FILE).read_text())
     all_rows = list(range(summary["samples"]))
     steps = int(config.finetune.get("steps", FinetuneConfig.steps))  # the same steps as every expert
@@ -118,6 +138,9 @@ def run_baselines(config: DemoConfig, stages: Stages | None = None) -> dict[str,
         folders[kind] = folder / "model"
         if kind == "static":
             def train(folder=folder):
+                for split in ("train", "val"):  # the same data, already encoded by the mixture's pruning run
+                    copy_cache(out / "prune" / "cache" / f"{split}.safetensors",
+                               folder / "prune" / "cache" / f"{split}.safetensors")
                 prune = load_prune_config(None, {**_prune_overrides(config), "num_codes": 1,
                                                  "output_dir": str(folder / "prune")})
                 run_prune(prune)
@@ -132,7 +155,8 @@ def run_baselines(config: DemoConfig, stages: Stages | None = None) -> dict[str,
                                  folder / "model", steps)
         else:
             raise APTPError(f"unknown baseline {kind!r}; choose from {', '.join(BASELINES)}")
-        stages.run(f"baseline {kind}", (folder / "model" / "config.json").is_file(), train)
+        stages.run(f"baseline {kind}", (folder / "model" / "config.json").is_file(), train,
+                   _stage_settings(config, "finetune"), folder)
     return folders
 
 
@@ -143,6 +167,17 @@ def _finetune_single(config: DemoConfig, router_dir: Path, architecture: dict, m
     finetune_architecture(metadata["base_model"], UnitOptions.from_dict(metadata["unit_options"]), architecture,
                           Path(config.output_dir) / "assign", rows, out, _finetune_config(config, steps),
                           {"macs_fraction": macs_fraction})
+
+
+def _stage_settings(config: DemoConfig, upto: str) -> dict:
+    """The settings a stage's output depends on: those of its own step and of every step before it."""
+    steps = ("prune", "finetune", "evaluation")
+    settings = {"model": config.model, "seed": config.seed}
+    for step in steps[:steps.index(upto) + 1]:
+        settings[step] = getattr(config, step)
+    if upto == "evaluation":
+        settings["baselines"] = list(config.baselines)
+    return settings
 
 
 def _prune_overrides(config: DemoConfig) -> dict:
@@ -168,13 +203,15 @@ def run_demo(config: DemoConfig) -> Path:
 
 def _run_stages(config: DemoConfig) -> Path:
     out = Path(config.output_dir)
-    stages = Stages(4 + len(config.baselines) + 1)  # mixture stages, baselines, evaluation
+    stages = Stages(4 + len(config.baselines) + 1, out / STAGES_FILE)  # mixture stages, baselines, evaluation
     router_dir, assign_dir = out / "prune" / "router", out / "assign"
+    pruning, tuning = _stage_settings(config, "prune"), _stage_settings(config, "finetune")
     stages.run("prune: router and experts under the budget", (router_dir / "experts.json").is_file(),
                lambda: run_prune(load_prune_config(None, {**_prune_overrides(config),
-                                                          "output_dir": str(out / "prune")})))
+                                                          "output_dir": str(out / "prune")})),
+               pruning, out / "prune")
     stages.run("assign: route the training prompts", (assign_dir / SUMMARY_FILE).is_file(),
-               lambda: run_assign(router_dir, assign_dir))
+               lambda: run_assign(router_dir, assign_dir), pruning, assign_dir)
     summary = json.loads((assign_dir / SUMMARY_FILE).read_text())
 
     def finetune_all():
@@ -184,15 +221,14 @@ def _run_stages(config: DemoConfig) -> Path:
 
     done = all((expert_folder(out / "experts", e["expert"]) / "config.json").is_file()
                for e in summary["experts"] if e["samples"])
-    stages.run("fine-tune experts", done, finetune_all)
+    stages.run("fine-tune experts", done, finetune_all, tuning, out / "experts")
     stages.run("export the APTPPipeline", (out / "pipeline" / "model_index.json").is_file(),
-               lambda: build_pipeline(router_dir, out / "experts").save_pretrained(out / "pipeline"))
+               lambda: build_pipeline(router_dir, out / "experts").save_pretrained(out / "pipeline"),
+               tuning, out / "pipeline")
     run_baselines(config, stages)
-    metrics_file = out / "report" / "metrics.json"
-    settings = json.loads(json.dumps(asdict(config)))  # as metrics.json records them
-    evaluated = (metrics_file.is_file() and (out / "report" / "report.html").is_file()
-                 and json.loads(metrics_file.read_text()).get("demo") == settings)
-    stages.run("evaluate and report", evaluated, lambda: evaluate_demo(config))
+    evaluated = (out / "report" / "metrics.json").is_file() and (out / "report" / "report.html").is_file()
+    stages.run("evaluate and report", evaluated, lambda: evaluate_demo(config), _stage_settings(config, "evaluation"),
+               out / "report")
     report = (out / "report" / "report.html").resolve()
     write_json_atomic(out / "demo.json", {"report": str(report), "config": asdict(config)})
     return report

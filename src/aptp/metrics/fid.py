@@ -51,15 +51,36 @@ class FIDInception(nn.Module):
         return features.flatten(2).mean(-1) if features.ndim > 2 else features
 
 
+class FrechetDistance:
+    """FID of any number of image sets against one set of real images, whose features are computed once.
+    Images are floats in [0, 1], (N, 3, H, W)."""
+
+    def __init__(self, real: torch.Tensor, batch_size: int = 50, inception: FIDInception | None = None):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        _check_count(real)
+        self.batch_size = batch_size
+        self.metric = FrechetInceptionDistance(feature=inception or FIDInception(), normalize=True,
+                                               reset_real_features=False)
+        self._update(real, real=True)
+
+    def _update(self, images: torch.Tensor, real: bool) -> None:
+        for start in range(0, len(images), self.batch_size):
+            self.metric.update(images[start:start + self.batch_size], real=real)
+
+    def __call__(self, fake: torch.Tensor) -> float:
+        _check_count(fake)
+        self.metric.reset()  # forgets the previous fake set only
+        self._update(fake, real=False)
+        return float(self.metric.compute())
+
+
+def _check_count(images: torch.Tensor) -> None:
+    if len(images) < 2:
+        raise APTPError("FID needs at least two images on each side")
+
+
 def frechet_inception_distance(real: torch.Tensor, fake: torch.Tensor, batch_size: int = 50,
                                inception: FIDInception | None = None) -> float:
     """FID between two sets of float images in [0, 1], (N, 3, H, W)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    if len(real) < 2 or len(fake) < 2:
-        raise APTPError("FID needs at least two images on each side")
-    metric = FrechetInceptionDistance(feature=inception or FIDInception(), normalize=True)
-    for images, is_real in ((real, True), (fake, False)):
-        for start in range(0, len(images), batch_size):
-            metric.update(images[start:start + batch_size], real=is_real)
-    return float(metric.compute())
+    return FrechetDistance(real, batch_size, inception)(fake)

@@ -8,7 +8,6 @@ trains on. Routing is per prompt (argmax), so a prompt's expert never depends on
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from ..routing import PromptRouter
 from ..routing.encoder import PromptEncoder
 from ..utils import APTPError, write_json_atomic
 from .base_model import load_base_pipeline
-from .cache import data_source, encode_dataset
+from .cache import copy_cache, data_source, encode_dataset
 from .common import make_datasets
 
 CACHE_FILE = "cache.safetensors"
@@ -32,19 +31,6 @@ def load_router(folder: str | Path) -> tuple[PromptRouter, dict]:
     if not experts_file.is_file():
         raise APTPError(f"{folder} is not a trained router folder (no experts.json); run `aptp prune` first")
     return PromptRouter.from_pretrained(folder).eval(), json.loads(experts_file.read_text())
-
-
-def _reuse_training_cache(router_dir: Path, out: Path, same_data: bool) -> None:
-    """Routing the router's own training data: start from the cache the pruning run already encoded."""
-    source = router_dir.parent / "cache" / "train.safetensors"
-    target = out / CACHE_FILE
-    if not same_data or target.exists() or not source.is_file() or not source.with_suffix(".json").is_file():
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    for src, dst in ((source.with_suffix(".json"), target.with_suffix(".json")), (source, target)):
-        temporary = dst.with_name(dst.name + ".tmp")
-        shutil.copyfile(src, temporary)
-        temporary.replace(dst)
 
 
 def shard_file(folder: str | Path, expert: int) -> Path:
@@ -64,8 +50,9 @@ def run_assign(router_dir: str | Path, out: str | Path, data: str | None = None,
     pipeline = load_base_pipeline(metadata["base_model"])
     dataset, _ = make_datasets(data, size, 1, metadata["resolution"], seed)
     encoder = PromptEncoder(router.config.prompt_encoder)
-    _reuse_training_cache(Path(router_dir), out, (data, size, seed) == (trained["data"], trained["train_size"],
-                                                                          trained["seed"]))
+    if (data, size, seed) == (trained["data"], trained["train_size"], trained["seed"]):
+        # Routing the router's own training data: start from the cache the pruning run already encoded.
+        copy_cache(Path(router_dir).parent / "cache" / "train.safetensors", out / CACHE_FILE)
     cache = encode_dataset(dataset, pipeline.vae, lambda p: pipeline.encode_prompt(p, pipeline.device, 1, False)[0],
                            out / CACHE_FILE, encoder.encode,
                            source=data_source(metadata["base_model"], data, metadata["resolution"], seed,

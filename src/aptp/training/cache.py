@@ -7,6 +7,7 @@ Training steps then only index tensors; no image decoding, VAE or text encoder o
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +26,21 @@ def data_source(model: str, data: str, resolution: int, seed: int, prompt_encode
     """What an encoded cache was made from; a cache is reused only for the same source."""
     return {"model": model, "data": data, "resolution": resolution, "seed": seed, "prompt_encoder": prompt_encoder,
             "split": split, "size": size}
+
+
+def copy_cache(source_file: str | Path, target_file: str | Path) -> bool:
+    """Start ``target_file`` from another run's encoded cache (tensors and their JSON), unless it exists.
+    :func:`encode_dataset` still checks the source, so a copy that does not match is re-encoded."""
+    source, target = Path(source_file), Path(target_file)
+    pairs = ((source.with_suffix(".json"), target.with_suffix(".json")), (source, target))
+    if target.exists() or not all(src.is_file() for src, _ in pairs):
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for src, dst in pairs:
+        temporary = dst.with_name(dst.name + ".tmp")
+        shutil.copyfile(src, temporary)
+        temporary.replace(dst)
+    return True
 
 
 @torch.no_grad()
