@@ -7,7 +7,8 @@ from aptp.config import parse_overrides
 from aptp.config import config_from_dict
 from aptp.teacher.train import UNetTrainConfig
 from aptp.training.common import batch_index
-from aptp.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from aptp.training import checkpoint as checkpoints
+from aptp.training.checkpoint import resume_checkpoint, save_checkpoint
 from aptp.utils import APTPError
 
 
@@ -38,20 +39,50 @@ def test_checkpoint_resumes_exactly(tmp_path):
         "model.safetensors", "optimizer.safetensors", "state.json"]
 
     resumed, resumed_opt = _trained(seed=1)  # different init: everything must come from the checkpoint
-    state = load_checkpoint(find_checkpoint(tmp_path / "ckpt"), {"model": resumed}, resumed_opt)
+    _, state = resume_checkpoint(tmp_path / "ckpt", {"model": resumed}, resumed_opt)
     for step in range(state["step"], 4):
         _step(resumed, resumed_opt, step)
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
 
 
-def test_interrupted_swap_leaves_a_usable_checkpoint(tmp_path):
+def test_interrupted_swaps_leave_a_usable_checkpoint(tmp_path, monkeypatch):
     model, optimizer = _trained()
     save_checkpoint(tmp_path / "ckpt", {"model": model}, {"step": 1}, optimizer)
     # A crash between the two renames leaves only the previous checkpoint, as ckpt.old.
     (tmp_path / "ckpt").rename(tmp_path / "ckpt.old")
-    assert find_checkpoint(tmp_path / "ckpt") == tmp_path / "ckpt.old"
-    assert find_checkpoint(tmp_path / "nothing") is None
+    assert resume_checkpoint(tmp_path / "ckpt", {"model": model}, optimizer) == (tmp_path / "ckpt.old", {"step": 1})
+    assert resume_checkpoint(tmp_path / "nothing", {"model": model}, optimizer) is None
+    # A second crash in the next swap, before the new checkpoint is in place, must not lose ckpt.old.
+    real_rename = type(tmp_path).rename
+
+    def crash(self, target):
+        if self.name.endswith(".tmp"):
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    monkeypatch.setattr(type(tmp_path), "rename", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path / "ckpt", {"model": model}, {"step": 2}, optimizer)
+    monkeypatch.undo()
+    assert resume_checkpoint(tmp_path / "ckpt", {"model": model}, optimizer) == (tmp_path / "ckpt.old", {"step": 1})
+    save_checkpoint(tmp_path / "ckpt", {"model": model}, {"step": 2}, optimizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one_or_stops_with_its_path(tmp_path, capsys):
+    model, optimizer = _trained()
+    save_checkpoint(tmp_path / "ckpt", {"model": model}, {"step": 1}, optimizer)
+    (tmp_path / "ckpt").rename(tmp_path / "ckpt.old")
+    save_checkpoint(tmp_path / "ckpt.new", {"model": model}, {"step": 2}, optimizer)
+    (tmp_path / "ckpt.new").rename(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])  # truncated by a full disk
+    assert resume_checkpoint(tmp_path / "ckpt", {"model": model}, optimizer)[1] == {"step": 1}
+    assert "cannot be read" in capsys.readouterr().out
+    (tmp_path / "ckpt.old" / checkpoints.STATE_FILE).write_text("{not json")
+    with pytest.raises(APTPError, match="no readable checkpoint in .*ckpt, .*ckpt.old"):
+        resume_checkpoint(tmp_path / "ckpt", {"model": model}, optimizer)
 
 
 def test_batches_cover_each_epoch_once():

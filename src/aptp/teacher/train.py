@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from .. import world
 from ..data import WorldImages
 from ..training.cache import EMPTY_PROMPT_INDEX, encode_dataset
-from ..training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from ..training.checkpoint import resume_checkpoint, save_checkpoint
 from ..training.common import batch_index, run_loop, warmup_cosine_lr
 from ..utils import APTPError
 from .components import (
@@ -101,8 +101,8 @@ def train_vae(out: str | Path, config: VAETrainConfig | None = None) -> Autoenco
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
     checkpoint = out / "vae-checkpoint"
     start = 0
-    if found := find_checkpoint(checkpoint):
-        start = load_checkpoint(found, {"vae": vae}, optimizer)["step"]
+    if resumed := resume_checkpoint(checkpoint, {"vae": vae}, optimizer):
+        start = resumed[1]["step"]
 
     def step_fn(step: int) -> float:
         images, _ = world_batch(step, config.batch_size, config.seed)
@@ -177,8 +177,8 @@ def train_unet(out: str | Path, vae_path: str | Path, config: UNetTrainConfig | 
     checkpoint = out / "unet-checkpoint"
     modules = {"unet": unet, "ema": ema}
     start = 0
-    if found := find_checkpoint(checkpoint):
-        start = load_checkpoint(found, modules, optimizer)["step"]
+    if resumed := resume_checkpoint(checkpoint, modules, optimizer):
+        start = resumed[1]["step"]
     scaling = vae.config.scaling_factor
     cache = encode_dataset(WorldImages(config.dataset_size, "train", config.seed), vae,
                            lambda prompts: pipeline.encode_prompt(prompts, "cpu", 1, False)[0],

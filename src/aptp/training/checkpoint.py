@@ -60,21 +60,14 @@ def save_checkpoint(folder: str | os.PathLike, modules: dict[str, torch.nn.Modul
         payload["optimizer"] = meta
     (temporary / STATE_FILE).write_text(json.dumps(payload, indent=1))
     previous = folder.with_name(folder.name + ".old")
-    shutil.rmtree(previous, ignore_errors=True)
     if folder.exists():
+        # Only now is an older ``.old`` stale; without ``folder`` (a swap interrupted earlier) it is the one
+        # loadable checkpoint, kept until the new one is in place.
+        shutil.rmtree(previous, ignore_errors=True)
         folder.rename(previous)
     temporary.rename(folder)
     shutil.rmtree(previous, ignore_errors=True)
     return folder
-
-
-def find_checkpoint(folder: str | os.PathLike) -> Path | None:
-    """The checkpoint at ``folder``, or the one an interrupted swap left as ``folder.old``."""
-    folder = Path(folder)
-    for candidate in (folder, folder.with_name(folder.name + ".old")):
-        if (candidate / STATE_FILE).is_file():
-            return candidate
-    return None
 
 
 def load_checkpoint(folder: str | os.PathLike, modules: dict[str, torch.nn.Module],
@@ -87,6 +80,25 @@ def load_checkpoint(folder: str | os.PathLike, modules: dict[str, torch.nn.Modul
     if optimizer is not None and "optimizer" in payload:
         _load_optimizer(optimizer, load_file(folder / "optimizer.safetensors"), payload["optimizer"])
     return payload["state"]
+
+
+def resume_checkpoint(folder: str | os.PathLike, modules: dict[str, torch.nn.Module],
+                      optimizer: torch.optim.Optimizer | None = None) -> tuple[Path, dict] | None:
+    """Restore the newest loadable checkpoint at ``folder`` (or the ``.old`` an interrupted swap left);
+    returns its path and saved JSON state, or None when there is none. A damaged checkpoint is reported
+    and the previous one used; when none can be read the run stops with the path to delete."""
+    folder = Path(folder)
+    candidates = [c for c in (folder, folder.with_name(folder.name + ".old")) if c.exists()]
+    for candidate in candidates:
+        try:
+            return candidate, load_checkpoint(candidate, modules, optimizer)
+        except Exception as error:  # truncated files, bad JSON, tensors of another shape
+            print(f"warning: the checkpoint {candidate} cannot be read ({type(error).__name__}); "
+                  "trying the previous one", flush=True)
+    if candidates:
+        raise APTPError(f"no readable checkpoint in {', '.join(map(str, candidates))}; delete "
+                        f"{'them' if len(candidates) > 1 else 'it'} to start that run over")
+    return None
 
 
 def check_same_settings(found: Path, state: dict, config: dict) -> None:

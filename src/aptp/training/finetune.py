@@ -25,7 +25,7 @@ from ..pipelines.aptp import pipeline_with_unet
 from ..utils import APTPError, write_json_atomic
 from .assign import CACHE_FILE, load_router, shard_file
 from .base_model import load_base_pipeline
-from .checkpoint import check_same_settings, find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import check_same_settings, resume_checkpoint, save_checkpoint
 from .common import BlockRecorder, batch_index, noised_batch, run_loop, task_losses, warmup_cosine_lr
 
 
@@ -106,8 +106,8 @@ def finetune_architecture(base_model: str, options: UnitOptions, architecture: d
     out = Path(out)
     checkpoint = out.with_name(out.name + "-checkpoint")
     start = 0
-    if found := find_checkpoint(checkpoint):
-        saved = load_checkpoint(found, {"expert": accelerator.unwrap_model(student)}, optimizer)
+    if resumed := resume_checkpoint(checkpoint, {"expert": accelerator.unwrap_model(student)}, optimizer):
+        found, saved = resumed
         # At a constant learning rate, more steps extend a run exactly; every other change mixes two runs.
         free = ("steps",) if config.lr_schedule == "constant" else ()
         check_same_settings(found, {"config": {k: v for k, v in saved["config"].items() if k not in free}},

@@ -48,7 +48,7 @@ from ..units import UnitLayout, uniform_width_architecture
 from ..utils import APTPError, write_json_atomic
 from .base_model import load_base_pipeline
 from .cache import data_source, encode_dataset
-from .checkpoint import check_same_settings, find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import check_same_settings, resume_checkpoint, save_checkpoint
 from .common import (
     WORLD,
     BlockRecorder,
@@ -478,8 +478,8 @@ def run_prune(config: PruneConfig) -> dict:
                                                for k, v in asdict(config).items() if v is not None})
     checkpoint = out / "checkpoint"
     start = 0
-    if found := find_checkpoint(checkpoint):
-        saved = load_checkpoint(found, {"router": accelerator.unwrap_model(state.router)}, state.optimizer)
+    if resumed := resume_checkpoint(checkpoint, {"router": accelerator.unwrap_model(state.router)}, state.optimizer):
+        found, saved = resumed
         check_same_settings(found, saved, asdict(config))
         start = saved["step"]
         accelerator.print(f"resuming from step {start}")
