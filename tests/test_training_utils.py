@@ -1,12 +1,15 @@
 """Checkpoints (safetensors + JSON, atomic, exact optimizer state) and config overrides."""
 
+import os
+import signal
+
 import pytest
 import torch
 
 from aptp.config import parse_overrides
 from aptp.config import config_from_dict
 from aptp.teacher.train import UNetTrainConfig
-from aptp.training.common import batch_index
+from aptp.training.common import batch_index, run_loop
 from aptp.training import checkpoint as checkpoints
 from aptp.training.checkpoint import resume_checkpoint, save_checkpoint
 from aptp.utils import APTPError
@@ -83,6 +86,27 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one_or_stops_with_its_p
     (tmp_path / "ckpt.old" / checkpoints.STATE_FILE).write_text("{not json")
     with pytest.raises(APTPError, match="no readable checkpoint in .*ckpt, .*ckpt.old"):
         resume_checkpoint(tmp_path / "ckpt", {"model": model}, optimizer)
+
+
+def _interrupting_loop(tmp_path, interrupts_at: dict[int, int]):
+    saved = []
+
+    def step_fn(step):
+        for _ in range(interrupts_at.get(step, 0)):
+            os.kill(os.getpid(), signal.SIGINT)
+        return {}
+
+    with pytest.raises(APTPError) as error:
+        run_loop(10, 0, step_fn, saved.append, 4, tmp_path / "ckpt", "test", show=False)
+    return str(error.value), saved
+
+
+def test_ctrl_c_stops_between_steps_and_a_second_one_at_once(tmp_path):
+    message, saved = _interrupting_loop(tmp_path, {5: 1})
+    assert saved == [4, 6] and message.startswith("interrupted at step 6; checkpoint saved")
+    message, saved = _interrupting_loop(tmp_path, {5: 2})
+    assert saved == [4] and message.startswith("interrupted during step 6; the last checkpoint (step 4)")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
 
 
 def test_batches_cover_each_epoch_once():

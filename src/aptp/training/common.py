@@ -4,6 +4,9 @@ feature recording and data sources."""
 from __future__ import annotations
 
 import math
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -134,6 +137,27 @@ class BlockRecorder:
         return outputs
 
 
+@contextmanager
+def deferred_interrupt():
+    """Within the block a first Ctrl-C is only remembered (the yielded function tells whether one came),
+    so that a step is never cut in half; a second one interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False  # signal handlers can only be set from the main thread
+        return
+    received = []
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(received)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_loop(steps: int, start: int, step_fn: Callable[[int], dict], save_fn: Callable[[int], None],
              checkpoint_every: int, checkpoint: Path, desc: str,
              after_step: Callable[[int, dict], None] | None = None, show: bool = True,
@@ -141,25 +165,38 @@ def run_loop(steps: int, start: int, step_fn: Callable[[int], dict], save_fn: Ca
     """The loop every trainer shares: progress bar, a checkpoint every ``checkpoint_every`` steps and at
     the end, and on Ctrl-C a checkpoint followed by a one-line message on how to resume.
 
-    ``step_fn(step)`` returns a dict of values (those named in ``shown``, default all, appear beside
-    the bar); ``after_step(step, values)`` runs after each step.
+    Ctrl-C is honoured between steps, so the checkpoint holds whole steps only; a second Ctrl-C stops
+    at once and keeps the last checkpoint. ``step_fn(step)`` returns a dict of values (those named in
+    ``shown``, default all, appear beside the bar); ``after_step(step, values)`` runs after each step.
     """
     bar = tqdm(total=steps, initial=start, desc=desc, unit="step", disable=not show)
-    step = start
+    step, saved = start, None
+
+    def save(at: int) -> None:
+        nonlocal saved
+        save_fn(at)
+        saved = at
+
     try:
-        while step < steps:
-            values = step_fn(step)
-            step += 1
-            bar.update(1)
-            bar.set_postfix({k.rpartition("/")[2]: f"{v:.4g}" for k, v in values.items() if shown is None or k in shown},
-                            refresh=False)
-            if step % checkpoint_every == 0 or step == steps:
-                save_fn(step)
-            if after_step is not None:
-                after_step(step, values)
+        with deferred_interrupt() as interrupted:
+            while step < steps:
+                values = step_fn(step)
+                step += 1
+                bar.update(1)
+                bar.set_postfix({k.rpartition("/")[2]: f"{v:.4g}" for k, v in values.items()
+                                 if shown is None or k in shown}, refresh=False)
+                if step % checkpoint_every == 0 or step == steps:
+                    save(step)
+                if after_step is not None:
+                    after_step(step, values)
+                if interrupted():
+                    if saved != step:
+                        save(step)
+                    raise APTPError(f"interrupted at step {step}; checkpoint saved in {checkpoint}, "
+                                    "run the same command to resume")
     except KeyboardInterrupt:
-        save_fn(step)
-        raise APTPError(f"interrupted at step {step}; checkpoint saved in {checkpoint}, "
+        last = f"the last checkpoint (step {saved}) is" if saved is not None else "earlier checkpoints, if any, are"
+        raise APTPError(f"interrupted during step {step + 1}; {last} in {checkpoint}, "
                         "run the same command to resume") from None
     finally:
         bar.close()
