@@ -173,3 +173,25 @@ def test_options_widen_ints_to_floats_and_lists_to_tuples():
     config = config_from_dict(PruneConfig, {"budget": 1, "min_snr_gamma": None})
     assert config.budget == 1.0 and isinstance(config.budget, float) and config.min_snr_gamma is None
     assert config_from_dict(UNetTrainConfig, {"block_out_channels": [32, 64]}).block_out_channels == (32, 64)
+
+
+def test_saved_folders_are_atomic_and_get_ordinary_file_modes(tmp_path):
+    from safetensors.torch import save_file
+
+    from aptp.utils import atomic_folder
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_folder(tmp_path / "model") as folder:
+            save_file({"w": torch.zeros(2)}, folder / "weights.safetensors")  # safetensors writes 0600
+        assert (tmp_path / "model" / "weights.safetensors").stat().st_mode & 0o777 == 0o644
+        with pytest.raises(RuntimeError), atomic_folder(tmp_path / "model") as folder:
+            (folder / "half.json").write_text("{")
+            raise RuntimeError("disk full")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # the old folder, whole; no .tmp
+        assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["weights.safetensors"]
+        model, optimizer = _trained()
+        save_checkpoint(tmp_path / "ckpt", {"model": model}, {"step": 1}, optimizer)
+        assert {p.stat().st_mode & 0o777 for p in (tmp_path / "ckpt").iterdir()} == {0o644}
+    finally:
+        os.umask(mask)

@@ -177,8 +177,11 @@ def cmd_finetune(args) -> int:
 def cmd_export(args) -> int:
     from .pipelines.build import build_pipeline
 
+    from .utils import atomic_folder
+
     pipeline = build_pipeline(args.router, args.experts)
-    pipeline.save_pretrained(args.out)
+    with atomic_folder(args.out) as folder:
+        pipeline.save_pretrained(folder)
     print(f"APTPPipeline with {len(pipeline.experts)} experts written to {args.out}")
     return 0
 

@@ -28,7 +28,7 @@ from ..training.cache import copy_cache
 from ..training.finetune import FinetuneConfig, expert_folder, finetune_architecture, run_finetune
 from ..training.prune import load_prune_config, run_prune
 from ..units import uniform_width_architecture
-from ..utils import APTPError, write_json_atomic
+from ..utils import APTPError, atomic_folder, write_json_atomic
 from .compare import EvalConfig, evaluate_folders
 
 BASELINES = ("static", "magnitude", "random")
@@ -222,9 +222,12 @@ def _run_stages(config: DemoConfig) -> Path:
     done = all((expert_folder(out / "experts", e["expert"]) / "config.json").is_file()
                for e in summary["experts"] if e["samples"])
     stages.run("fine-tune experts", done, finetune_all, tuning, out / "experts")
-    stages.run("export the APTPPipeline", (out / "pipeline" / "model_index.json").is_file(),
-               lambda: build_pipeline(router_dir, out / "experts").save_pretrained(out / "pipeline"),
-               tuning, out / "pipeline")
+    def export():
+        with atomic_folder(out / "pipeline") as folder:
+            build_pipeline(router_dir, out / "experts").save_pretrained(folder)
+
+    stages.run("export the APTPPipeline", (out / "pipeline" / "model_index.json").is_file(), export, tuning,
+               out / "pipeline")
     run_baselines(config, stages)
     evaluated = (out / "report" / "metrics.json").is_file() and (out / "report" / "report.html").is_file()
     stages.run("evaluate and report", evaluated, lambda: evaluate_demo(config), _stage_settings(config, "evaluation"),

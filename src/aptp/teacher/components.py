@@ -20,7 +20,7 @@ from diffusers.utils import logging as diffusers_logging
 
 from ..families.presets import PRESETS
 from ..routing.encoder import minilm_path
-from ..utils import APTPError
+from ..utils import APTPError, atomic_folder
 
 TEACHER_DIR = Path(__file__).parent / "weights"
 TEXT_MAX_LENGTH = 32
@@ -106,29 +106,29 @@ def save_teacher(pipeline: StableDiffusionPipeline, folder: str | os.PathLike, d
     The text encoder and tokenizer are not copied: they come from the MiniLM package at load time.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("vae", "unet"):
-        module = getattr(pipeline, name)
-        original = module.dtype
-        try:
-            with diffusers_errors_only():  # the dtype-cast notice does not apply to these models
-                module.to(dtype).save_pretrained(folder / name)
-        finally:
-            module.to(original)
-    pipeline.scheduler.save_pretrained(folder / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": __import__("diffusers").__version__,
-        "vae": ["diffusers", "AutoencoderKL"],
-        "unet": ["diffusers", type(pipeline.unet).__name__],
-        "scheduler": ["diffusers", type(pipeline.scheduler).__name__],
-        "text_encoder": ["transformers", "BertModel"],
-        "tokenizer": ["transformers", "BertTokenizerFast"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    with atomic_folder(folder) as temporary:
+        for name in ("vae", "unet"):
+            module = getattr(pipeline, name)
+            original = module.dtype
+            try:
+                with diffusers_errors_only():  # the dtype-cast notice does not apply to these models
+                    module.to(dtype).save_pretrained(temporary / name)
+            finally:
+                module.to(original)
+        pipeline.scheduler.save_pretrained(temporary / "scheduler")
+        index = {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": __import__("diffusers").__version__,
+            "vae": ["diffusers", "AutoencoderKL"],
+            "unet": ["diffusers", type(pipeline.unet).__name__],
+            "scheduler": ["diffusers", type(pipeline.scheduler).__name__],
+            "text_encoder": ["transformers", "BertModel"],
+            "tokenizer": ["transformers", "BertTokenizerFast"],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+        }
+        (temporary / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
 
 

@@ -21,7 +21,7 @@ from ..data import WorldImages
 from ..training.cache import EMPTY_PROMPT_INDEX, encode_dataset
 from ..training.checkpoint import resume_checkpoint, save_checkpoint
 from ..training.common import batch_index, run_loop, warmup_cosine_lr
-from ..utils import APTPError
+from ..utils import APTPError, atomic_folder
 from .components import (
     TEACHER_DIR,
     UNET_CONFIG,
@@ -126,7 +126,8 @@ def train_vae(out: str | Path, config: VAETrainConfig | None = None) -> Autoenco
     run_loop(config.steps, start, step_fn, save_fn, config.checkpoint_every, checkpoint, "vae")
     vae.eval()
     vae.register_to_config(scaling_factor=latent_scaling_factor(vae, config.seed))
-    vae.save_pretrained(out / "vae")
+    with atomic_folder(out / "vae") as folder:
+        vae.save_pretrained(folder)
     return vae
 
 

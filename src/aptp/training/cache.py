@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..data import collate
-from ..utils import APTPError, write_json_atomic
+from ..utils import APTPError, ordinary_permissions, write_json_atomic
 
 EMPTY_PROMPT_INDEX = 0  # the empty prompt (classifier-free guidance) is always entry 0
 
@@ -96,6 +96,7 @@ def encode_dataset(dataset, vae, encode_text: Callable[[list[str]], torch.Tensor
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     temporary = cache_file.with_name(cache_file.name + ".tmp")
     save_file(cache, temporary)
+    ordinary_permissions(temporary)
     temporary.replace(cache_file)
     write_json_atomic(text_file, {**texts, "source": source})  # last: a cache without it is not reused
     return {**cache, **texts}

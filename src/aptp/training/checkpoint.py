@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..utils import APTPError
+from ..utils import APTPError, ordinary_permissions
 
 STATE_FILE = "state.json"
 
@@ -59,6 +59,7 @@ def save_checkpoint(folder: str | os.PathLike, modules: dict[str, torch.nn.Modul
         save_file(tensors, temporary / "optimizer.safetensors")
         payload["optimizer"] = meta
     (temporary / STATE_FILE).write_text(json.dumps(payload, indent=1))
+    ordinary_permissions(temporary)
     previous = folder.with_name(folder.name + ".old")
     if folder.exists():
         # Only now is an older ``.old`` stale; without ``folder`` (a swap interrupted earlier) it is the one

@@ -8,7 +8,6 @@ task); checkpoints are atomic and resuming is exact.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from ..config import UnitOptions, config_from_dict
 from ..families import family_of
 from ..imaging import comparison_grid, save_image_atomic, to_pil
 from ..pipelines.aptp import pipeline_with_unet
-from ..utils import APTPError, write_json_atomic
+from ..utils import APTPError, atomic_folder, write_json_atomic
 from .assign import CACHE_FILE, load_router, shard_file
 from .base_model import load_base_pipeline
 from .checkpoint import check_same_settings, resume_checkpoint, save_checkpoint
@@ -163,13 +162,10 @@ def finetune_architecture(base_model: str, options: UnitOptions, architecture: d
              after_step, accelerator.is_local_main_process)
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(student).eval()
-        temporary = out.with_name(out.name + ".tmp")
-        final.save_pretrained(temporary)
-        write_json_atomic(temporary / "aptp_expert.json", {**(info or {}), "samples": len(rows),
-                                                           "config": asdict(config)})
-        if out.exists():
-            shutil.rmtree(out)
-        temporary.rename(out)
+        with atomic_folder(out) as folder:
+            final.save_pretrained(folder)
+            write_json_atomic(folder / "aptp_expert.json", {**(info or {}), "samples": len(rows),
+                                                            "config": asdict(config)})
         if config.validation_prompts:
             validate(config.steps)
     accelerator.wait_for_everyone()

@@ -45,7 +45,7 @@ from ..routing import (
 from ..routing.encoder import DEFAULT_PROMPT_ENCODER, PromptEncoder
 from ..routing.router import width_floors
 from ..units import UnitLayout, uniform_width_architecture
-from ..utils import APTPError, write_json_atomic
+from ..utils import APTPError, atomic_folder, ordinary_permissions, write_json_atomic
 from .base_model import load_base_pipeline
 from .cache import data_source, encode_dataset
 from .checkpoint import check_same_settings, resume_checkpoint, save_checkpoint
@@ -300,6 +300,7 @@ def prompt_difficulty(unet, controller, gates: torch.Tensor, cache: dict, schedu
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     temporary = cache_file.with_name(cache_file.name + ".tmp")
     save_file({"difficulty": difficulty}, temporary)
+    ordinary_permissions(temporary)
     temporary.replace(cache_file)
     write_json_atomic(key_file, key)
     return difficulty
@@ -441,16 +442,17 @@ def save_router(state: PruneState, config: PruneConfig, folder: Path) -> dict:
     """``folder``: the router (``save_pretrained``) and ``experts.json`` (architectures and MACs)."""
     summary = summarize_experts(state)
     router = state.accelerator.unwrap_model(state.router)
-    router.save_pretrained(folder)
     experts = [{"code": k, "macs": summary["macs_fraction"][k] * state.macs_model.dense,
                 "macs_fraction": summary["macs_fraction"][k], "val_share": summary["val_share"][k],
                 "architecture": summary["architectures"][k]} for k in range(router.num_codes)]
-    write_json_atomic(folder / "experts.json", {
-        "budget": config.budget, "resolution": state.resolution, "dense_macs": state.macs_model.dense,
-        "val_mean_macs_fraction": summary["val_mean_macs_fraction"], "val_prompts": summary["val_prompts"],
-        "difficulty_by_category": summary.get("difficulty_by_category"),
-        "config": asdict(config), "experts": experts,
-    })
+    with atomic_folder(folder) as temporary:
+        router.save_pretrained(temporary)
+        write_json_atomic(temporary / "experts.json", {
+            "budget": config.budget, "resolution": state.resolution, "dense_macs": state.macs_model.dense,
+            "val_mean_macs_fraction": summary["val_mean_macs_fraction"], "val_prompts": summary["val_prompts"],
+            "difficulty_by_category": summary.get("difficulty_by_category"),
+            "config": asdict(config), "experts": experts,
+        })
     return summary
 
 
