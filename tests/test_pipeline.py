@@ -91,6 +91,15 @@ def test_bad_generation_settings_are_refused_before_any_work(aptp_pipeline, sett
         aptp_pipeline(["a red circle"], **settings)
 
 
+def test_a_very_long_prompt_is_one_line_of_warning(aptp_pipeline, capfd, caplog):
+    capfd.readouterr()
+    out = aptp_pipeline(["a red circle " * 800], num_inference_steps=1, output_type="pt")
+    assert out.images.shape[0] == 1
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("longer than the 16 tokens" in m for m in logged) and sum(len(m) for m in logged) < 1000
+    assert len(capfd.readouterr().err) < 1000
+
+
 def test_small_batches_give_the_same_images(aptp_pipeline):
     generators = [torch.Generator().manual_seed(i) for i in range(6)]
     chunked = aptp_pipeline(PROMPTS, generator=generators, num_inference_steps=2, output_type="pt", max_batch_size=1)

@@ -7,7 +7,9 @@ config and loaded on first use.
 
 from __future__ import annotations
 
+import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,12 +17,28 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from diffusers.utils import BaseOutput
+from diffusers.utils import logging as diffusers_logging
 
 from ..experts import APTPExpertBank
 from ..imaging import to_pil
 from ..routing import PromptRouter
 from ..routing.encoder import PromptEncoder
 from ..utils import APTPError
+
+logger = diffusers_logging.get_logger(__name__)
+
+
+@contextmanager
+def quiet_truncation():
+    """Stable Diffusion logs the whole cut-off part of a long prompt (hundreds of KB for a long caption);
+    :meth:`APTPPipeline.warn_truncated` says it in one line instead."""
+    sd_logger = logging.getLogger(StableDiffusionPipeline.__module__)
+    level = sd_logger.level
+    sd_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        sd_logger.setLevel(level)
 
 
 def pipeline_with_unet(components, unet) -> StableDiffusionPipeline:
@@ -85,19 +103,30 @@ class APTPPipeline(DiffusionPipeline):
         generators = generator if isinstance(generator, list) else [generator] * len(prompts)
         if len(negatives) != len(prompts) or len(generators) != len(prompts):
             raise APTPError("negative_prompt and generator lists must have one entry per prompt")
+        self.warn_truncated(prompts)
         routes = self.route(prompts)
         images: list[torch.Tensor | None] = [None] * len(prompts)
-        for expert in sorted(set(routes)):
-            routed = [i for i, r in enumerate(routes) if r == expert]
-            for start in range(0, len(routed), max_batch_size):
-                self._generate(expert, routed[start:start + max_batch_size], prompts, negatives, negative_prompt,
-                               generators, generator, num_inference_steps, guidance_scale, height, width, images)
+        with quiet_truncation():
+            for expert in sorted(set(routes)):
+                routed = [i for i, r in enumerate(routes) if r == expert]
+                for start in range(0, len(routed), max_batch_size):
+                    self._generate(expert, routed[start:start + max_batch_size], prompts, negatives, negative_prompt,
+                                   generators, generator, num_inference_steps, guidance_scale, height, width, images)
         stacked = torch.stack(images)
         output = {"pil": lambda: to_pil(stacked), "np": lambda: stacked.permute(0, 2, 3, 1).numpy(),
                   "pt": lambda: stacked}[output_type]
         macs = [self.experts.config.expert_macs[r] for r in routes]
         return APTPPipelineOutput(images=output(), experts=routes, macs=macs,
                                   macs_fraction=[m / self.experts.config.dense_macs for m in macs])
+
+    def warn_truncated(self, prompts: list[str]) -> None:
+        """One line when prompts are longer than the text encoder reads (they are cut, as in diffusers)."""
+        limit = self.tokenizer.model_max_length
+        lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]]
+        longer = [i for i, n in enumerate(lengths) if n > limit]
+        if longer:
+            logger.warning(f"{len(longer)} prompt(s) (e.g. number {longer[0]}, {lengths[longer[0]]} tokens) are "
+                           f"longer than the {limit} tokens the text encoder reads; only their start is used")
 
     def check_settings(self, steps, guidance_scale, height, width, output_type, max_batch_size) -> None:
         """Refuse generation settings that would fail deep in the scheduler or silently give wrong images."""
