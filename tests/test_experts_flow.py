@@ -61,6 +61,13 @@ def test_full_flow_from_the_cli(tmp_path, capsys):
     assert [r["truncated"] for r in record["images"]] == [False, False, True]
     assert main(["generate", "--pipeline", str(tmp_path / "pipeline"), "--out", str(tmp_path / "none")]) == 2
     assert "no prompts" in capsys.readouterr().err
+    # Peak memory, each prompt count in a fresh process.
+    assert main(["bench", "memory", "--pipeline", str(tmp_path / "pipeline"), "--counts", "2", "6",
+                 "--max-batch-size", "2", "--threads", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in rows] == ["2", "6"] and float(rows[0][-1]) == 1.0
+    assert main(["bench", "memory", "--pipeline", str(tmp_path / "nothing")]) == 2
+    assert "not an APTPPipeline folder" in capsys.readouterr().err
 
 
 def test_finetune_resumes_exactly(tmp_path):

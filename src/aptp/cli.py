@@ -116,6 +116,16 @@ def cmd_bench_throughput(args) -> int:
     return 0
 
 
+def cmd_bench_memory(args) -> int:
+    from .benchmarks.memory import format_rows, run_memory_benchmark
+
+    if not (Path(args.pipeline) / "model_index.json").is_file():
+        raise APTPError(f"{args.pipeline} is not an APTPPipeline folder (no model_index.json); see `aptp export`")
+    rows = run_memory_benchmark(args.pipeline, tuple(args.counts), args.steps, args.max_batch_size, args.threads)
+    print(format_rows(rows, args.steps, args.max_batch_size))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # aptp prune
 
@@ -344,6 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     throughput.add_argument("--warmup", type=int, default=1)
     throughput.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     throughput.set_defaults(func=cmd_bench_throughput)
+
+    memory = benches.add_parser("memory", help="APTPPipeline peak memory, few prompts vs many")
+    memory.add_argument("--pipeline", required=True, help="folder written by `aptp export`")
+    memory.add_argument("--counts", type=_positive_int, nargs="+", default=[64, 1000])
+    memory.add_argument("--steps", type=_positive_int, default=2)
+    memory.add_argument("--max-batch-size", type=_positive_int, default=32)
+    memory.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    memory.set_defaults(func=cmd_bench_memory)
 
     prune = commands.add_parser("prune", help="train the prompt router and K expert codes under a MACs budget")
     prune.add_argument("--config", default="world",
