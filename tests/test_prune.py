@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -124,6 +125,12 @@ def test_interrupted_prune_resumes_exactly(tmp_path, monkeypatch):
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
     assert straight["macs_fraction"] == resumed["macs_fraction"]
+    # A run that finds the encoded data (and difficulty) already cached draws the same random numbers.
+    shutil.copytree(tmp_path / "a" / "cache", tmp_path / "c" / "cache")
+    run_prune(PruneConfig(**settings, output_dir=str(tmp_path / "c")))
+    c = PromptRouter.from_pretrained(tmp_path / "c" / "router")
+    for (name, p), q in zip(a.named_parameters(), c.parameters()):
+        assert torch.equal(p, q), name
 
 
 @pytest.mark.slow
@@ -183,9 +190,19 @@ def test_magnitude_prior_is_standardised_within_each_width_unit():
     torch.testing.assert_close(z[5:], torch.tensor([-0.70710677, 0.70710677]))
 
 
-def test_a_run_with_other_settings_is_not_resumed(tmp_path):
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_run_with_other_settings_is_not_resumed(tmp_path, capsys):
     settings = _tiny_run(tmp_path)
     settings["steps"] = 2
     run_prune(PruneConfig(**settings, output_dir=str(tmp_path / "a")))
-    with pytest.raises(APTPError, match=r"other settings \(differs in \['budget'\]\)"):
-        run_prune(PruneConfig(**{**settings, "budget": 0.5}, output_dir=str(tmp_path / "a")))
+    before = _tree(tmp_path / "a")
+    config = tmp_path / "prune.yaml"
+    config.write_text("\n".join(f"{k}: {v}" for k, v in settings.items()))
+    capsys.readouterr()
+    assert main(["prune", "--config", str(config), "--set", "budget=0.5", "--output-dir", str(tmp_path / "a")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "other settings (differs in ['budget'])" in error
+    assert _tree(tmp_path / "a") == before  # nothing of the finished run was touched

@@ -313,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="aptp", description="Prompt-based pruning of text-to-image diffusion models.")
     parser.add_argument("--version", action="version", version=f"aptp {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
@@ -449,15 +450,33 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except APTPError as error:
-        print(f"aptp: error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("aptp: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into e.g. `head`
         sys.stderr.close()
         return 0
+    except Exception as error:
+        if args.debug and not isinstance(error, APTPError):
+            raise
+        message, code = describe_error(error)
+        print(f"aptp: error: {message}", file=sys.stderr)
+        return code
+
+
+def describe_error(error: Exception) -> tuple[str, int]:
+    """One line and an exit code: 2 for what the user can fix (bad input, files, disk), 1 for the rest."""
+    if isinstance(error, APTPError):
+        return str(error), 2
+    if isinstance(error, OSError):  # missing or unreadable files, permissions, a full disk
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror or error}{where}", 2
+    if isinstance(error, UnicodeDecodeError):
+        return f"a text file is not UTF-8 ({error.reason} at byte {error.start})", 2
+    if isinstance(error, json.JSONDecodeError):
+        return f"a JSON file is damaged ({error.msg}, line {error.lineno})", 2
+    first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+    return f"unexpected {type(error).__name__}: {first} (run `aptp --debug ...` for the traceback)", 1
 
 
 if __name__ == "__main__":

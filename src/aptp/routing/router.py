@@ -24,6 +24,9 @@ from torch import nn
 
 from ..units import WIDTH_KINDS, Architecture, UnitLayout, round_kept
 
+MAX_CODES = 1024  # more experts than any model could hold in memory
+MAX_WIDTH = 65536
+
 
 class PromptRouter(ModelMixin, ConfigMixin):
     config_name = "config.json"
@@ -44,8 +47,12 @@ class PromptRouter(ModelMixin, ConfigMixin):
         min_width: dict[str, float] | None = None,
     ):
         super().__init__()
-        if num_codes < 1:
-            raise ValueError(f"num_codes must be >= 1, got {num_codes}")
+        # A config read from a folder is untrusted: absurd sizes would try to allocate terabytes.
+        for name, value, largest in (("num_codes", num_codes, MAX_CODES), ("prompt_dim", prompt_dim, MAX_WIDTH),
+                                     ("arch_dim", arch_dim, MAX_WIDTH), ("hidden_dim", hidden_dim, MAX_WIDTH),
+                                     ("hyper_hidden_dim", hyper_hidden_dim, MAX_WIDTH)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= largest:
+                raise ValueError(f"{name} must be an integer in [1, {largest}], got {value!r}")
         self.layout = UnitLayout.from_dict(units)
         if self.layout.num_elements == 0:
             raise ValueError("a router needs at least one prunable unit")

@@ -102,11 +102,24 @@ def resume_checkpoint(folder: str | os.PathLike, modules: dict[str, torch.nn.Mod
     return None
 
 
-def check_same_settings(found: Path, state: dict, config: dict) -> None:
-    """Refuse to resume a checkpoint written with other settings: the run would mix two configs."""
+def check_same_settings(found: Path, state: dict, config: dict, free: tuple[str, ...] = ()) -> None:
+    """Refuse to resume a checkpoint written with other settings (``free`` keys may differ): the run
+    would mix two configs."""
     saved = json.loads(json.dumps(state.get("config", {})))
     current = json.loads(json.dumps(config))
-    different = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    different = sorted(k for k in set(saved) | set(current) if k not in free and saved.get(k) != current.get(k))
     if different:
         raise APTPError(f"{found} holds a run with other settings (differs in {different}); "
                         "use another output folder, or delete it to start over")
+
+
+def refuse_other_settings(folder: str | os.PathLike, config: dict, free: tuple[str, ...] = ()) -> None:
+    """Before a run writes anything: stop if the checkpoint at ``folder`` was made with other settings."""
+    folder = Path(folder)
+    for candidate in (folder, folder.with_name(folder.name + ".old")):
+        try:
+            state = json.loads((candidate / STATE_FILE).read_text())["state"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # none, or damaged: resume_checkpoint reports it
+        check_same_settings(candidate, state, config, free)
+        return

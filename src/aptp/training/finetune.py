@@ -109,8 +109,7 @@ def finetune_architecture(base_model: str, options: UnitOptions, architecture: d
         found, saved = resumed
         # At a constant learning rate, more steps extend a run exactly; every other change mixes two runs.
         free = ("steps",) if config.lr_schedule == "constant" else ()
-        check_same_settings(found, {"config": {k: v for k, v in saved["config"].items() if k not in free}},
-                            {k: v for k, v in asdict(config).items() if k not in free})
+        check_same_settings(found, saved, asdict(config), free)
         start = saved["step"]
     scaling = pipeline.vae.config.scaling_factor
     device = accelerator.device

@@ -48,7 +48,7 @@ from ..units import UnitLayout, uniform_width_architecture
 from ..utils import APTPError, atomic_folder, ordinary_permissions, write_json_atomic
 from .base_model import load_base_pipeline
 from .cache import data_source, encode_dataset
-from .checkpoint import check_same_settings, resume_checkpoint, save_checkpoint
+from .checkpoint import check_same_settings, refuse_other_settings, resume_checkpoint, save_checkpoint
 from .common import (
     WORLD,
     BlockRecorder,
@@ -473,12 +473,13 @@ def format_summary(summary: dict, state: PruneState, config: PruneConfig) -> str
 def run_prune(config: PruneConfig) -> dict:
     """Train the router; writes ``OUTPUT/router`` and returns the expert summary."""
     out = Path(config.output_dir)
+    checkpoint = out / "checkpoint"
+    refuse_other_settings(checkpoint, asdict(config))  # before the caches or logs of this run are touched
     state = prepare(config)
     accelerator = state.accelerator
     # TensorBoard's hyperparameters are scalars: nested options are logged as JSON text.
     accelerator.init_trackers("prune", config={k: json.dumps(v) if isinstance(v, (dict, list)) else v
                                                for k, v in asdict(config).items() if v is not None})
-    checkpoint = out / "checkpoint"
     start = 0
     if resumed := resume_checkpoint(checkpoint, {"router": accelerator.unwrap_model(state.router)}, state.optimizer):
         found, saved = resumed
