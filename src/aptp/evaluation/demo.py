@@ -25,6 +25,7 @@ from ..pipelines.build import build_pipeline
 from ..training.assign import SUMMARY_FILE, load_router, run_assign
 from ..training.base_model import WORLD, load_base_pipeline
 from ..training.cache import copy_cache
+from ..training.checkpoint import refuse_other_settings
 from ..training.finetune import FinetuneConfig, expert_folder, finetune_architecture, run_finetune
 from ..training.prune import load_prune_config, run_prune
 from ..units import uniform_width_architecture
@@ -57,7 +58,7 @@ class Stages:
         self.total, self.index, self.record = total, 0, record
         self.recorded = json.loads(record.read_text()) if record is not None and record.is_file() else {}
 
-    def run(self, name: str, done: bool, action, settings: dict | None = None, output: Path | None = None) -> None:
+    def run(self, name: str, done: bool, action, settings: dict | None = None, outputs: tuple[Path, ...] = ()) -> None:
         self.index += 1
         settings = json.loads(json.dumps(settings)) if settings is not None else None
         entry = self.recorded.get(name, {})
@@ -65,10 +66,11 @@ class Stages:
         if done and same:
             print(f"[{self.index}/{self.total}] {name}: done earlier, skipped", flush=True)
             return
-        if not same and output is not None and output.exists():
+        if not same and any(path.exists() for path in outputs):
             # Made (or begun) with other settings: what it left cannot be resumed, only replaced.
             print(f"[{self.index}/{self.total}] {name}: settings changed, redoing it", flush=True)
-            shutil.rmtree(output)
+            for path in outputs:
+                shutil.rmtree(path, ignore_errors=True)
         print(f"[{self.index}/{self.total}] {name}", flush=True)
         self._record(name, settings)
         start = time.perf_counter()
@@ -143,6 +145,10 @@ def run_baselines(config: DemoConfig, stages: Stages | None = None) -> dict[str,
                                folder / "prune" / "cache" / f"{split}.safetensors")
                 prune = load_prune_config(None, {**_prune_overrides(config), "num_codes": 1,
                                                  "output_dir": str(folder / "prune")})
+                try:  # a pruning run of other settings is redone; one of these settings is kept or resumed
+                    refuse_other_settings(folder / "prune" / "checkpoint", asdict(prune))
+                except APTPError:
+                    shutil.rmtree(folder / "prune")
                 run_prune(prune)
                 _, single = load_router(folder / "prune" / "router")
                 expert = single["experts"][0]
@@ -155,8 +161,10 @@ def run_baselines(config: DemoConfig, stages: Stages | None = None) -> dict[str,
                                  folder / "model", steps)
         else:
             raise APTPError(f"unknown baseline {kind!r}; choose from {', '.join(BASELINES)}")
+        # Static keeps its own pruning run when only the fine-tuning settings changed (see ``train``).
+        outputs = (folder / "model", folder / "model-checkpoint") if kind == "static" else (folder,)
         stages.run(f"baseline {kind}", (folder / "model" / "config.json").is_file(), train,
-                   _stage_settings(config, "finetune"), folder)
+                   _stage_settings(config, "finetune"), outputs)
     return folders
 
 
@@ -209,9 +217,9 @@ def _run_stages(config: DemoConfig) -> Path:
     stages.run("prune: router and experts under the budget", (router_dir / "experts.json").is_file(),
                lambda: run_prune(load_prune_config(None, {**_prune_overrides(config),
                                                           "output_dir": str(out / "prune")})),
-               pruning, out / "prune")
+               pruning, (out / "prune",))
     stages.run("assign: route the training prompts", (assign_dir / SUMMARY_FILE).is_file(),
-               lambda: run_assign(router_dir, assign_dir), pruning, assign_dir)
+               lambda: run_assign(router_dir, assign_dir), pruning, (assign_dir,))
     summary = json.loads((assign_dir / SUMMARY_FILE).read_text())
 
     def finetune_all():
@@ -221,17 +229,18 @@ def _run_stages(config: DemoConfig) -> Path:
 
     done = all((expert_folder(out / "experts", e["expert"]) / "config.json").is_file()
                for e in summary["experts"] if e["samples"])
-    stages.run("fine-tune experts", done, finetune_all, tuning, out / "experts")
+    stages.run("fine-tune experts", done, finetune_all, tuning, (out / "experts",))
+
     def export():
         with atomic_folder(out / "pipeline") as folder:
             build_pipeline(router_dir, out / "experts").save_pretrained(folder)
 
     stages.run("export the APTPPipeline", (out / "pipeline" / "model_index.json").is_file(), export, tuning,
-               out / "pipeline")
+               (out / "pipeline",))
     run_baselines(config, stages)
     evaluated = (out / "report" / "metrics.json").is_file() and (out / "report" / "report.html").is_file()
     stages.run("evaluate and report", evaluated, lambda: evaluate_demo(config), _stage_settings(config, "evaluation"),
-               out / "report")
+               (out / "report",))
     report = (out / "report" / "report.html").resolve()
     write_json_atomic(out / "demo.json", {"report": str(report), "config": asdict(config)})
     return report
