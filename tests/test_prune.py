@@ -28,6 +28,12 @@ from aptp.world import export_imagefolder
     ({"min_width": {"heads": 2}}, "must be in"),
     ({"difficulty_exponent": -1}, "difficulty_exponent"),
     ({"max_code_fraction": 0}, "max_code_fraction"),
+    ({"arch_dim": 0}, "arch_dim must be >= 1"),
+    ({"checkpoint_every": 0, "log_every": 0}, "checkpoint_every, log_every must be >= 1"),
+    ({"resolution": -64}, "resolution must be >= 1"),
+    ({"lr": -1.0}, "lr must be > 0"),
+    ({"gate_temperature_end": 0.0}, "gate_temperature_end must be > 0"),
+    ({"mixed_precision": "fp9"}, "mixed_precision"),
 ])
 def test_config_validation(overrides, message):
     with pytest.raises((APTPError, ValueError), match=message):

@@ -8,23 +8,18 @@ import os
 import sys
 from pathlib import Path
 
+from .config import fraction, non_negative_float, non_negative_int, positive_int
 from .teacher.cli import add_teacher_parser
-from .utils import APTPError
+from .utils import APTPError, check_output_folder, error_summary
 from .world.cli import add_world_parser
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+class Parser(argparse.ArgumentParser):
+    """Usage mistakes (a missing argument, a value of the wrong type) are one line of error and exit
+    code 2, like every other bad input; ``--help`` shows the usage."""
 
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
-    return value
+    def error(self, message: str):
+        self.exit(2, f"aptp: error: {message} (see `{self.prog} --help`)\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,27 +95,31 @@ def cmd_bench_slicing(args) -> int:
 
 def cmd_bench_prune_step(args) -> int:
     from .benchmarks.prune_step import format_result, run_prune_step_benchmark
+    from .evaluation.demo import quiet_loading
 
     threads = _torch_threads(args.threads)
-    result = run_prune_step_benchmark(args.model, args.batch, args.repeats, args.warmup)
+    with quiet_loading():
+        result = run_prune_step_benchmark(args.model, args.batch, args.repeats, args.warmup)
     print(format_result(result, threads))
     return 0
 
 
 def cmd_bench_throughput(args) -> int:
     from .benchmarks.throughput import format_result, run_throughput_benchmark
+    from .evaluation.demo import quiet_loading
 
     threads = _torch_threads(args.threads)
-    result = run_throughput_benchmark(args.pipeline, args.batch, args.steps, args.repeats, args.warmup)
+    with quiet_loading():
+        result = run_throughput_benchmark(args.pipeline, args.batch, args.steps, args.repeats, args.warmup)
     print(format_result(result, threads))
     return 0
 
 
 def cmd_bench_memory(args) -> int:
     from .benchmarks.memory import format_rows, run_memory_benchmark
+    from .pipelines.aptp import check_pipeline_folder
 
-    if not (Path(args.pipeline) / "model_index.json").is_file():
-        raise APTPError(f"{args.pipeline} is not an APTPPipeline folder (no model_index.json); see `aptp export`")
+    check_pipeline_folder(args.pipeline)  # each count loads it in a fresh process: refuse a bad folder once, here
     rows = run_memory_benchmark(args.pipeline, tuple(args.counts), args.steps, args.max_batch_size, args.threads)
     print(format_rows(rows, args.steps, args.max_batch_size))
     return 0
@@ -143,13 +142,20 @@ def resolve_config_path(name: str | None):
 
 def cmd_prune(args) -> int:
     from .config import parse_overrides
+    from .evaluation.demo import quiet_loading
     from .training.prune import load_prune_config, run_prune
 
     overrides = parse_overrides(args.set)
     if args.output_dir:
         overrides["output_dir"] = args.output_dir
-    config = load_prune_config(resolve_config_path(args.config), overrides)
-    run_prune(config)
+    path = resolve_config_path(args.config)
+    try:
+        config = load_prune_config(path, overrides)
+    except UnicodeDecodeError as error:
+        raise APTPError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    check_output_folder(config.output_dir)
+    with quiet_loading():
+        run_prune(config)
     return 0
 
 
@@ -158,9 +164,11 @@ def cmd_prune(args) -> int:
 
 
 def cmd_assign(args) -> int:
+    from .evaluation.demo import quiet_loading
     from .training.assign import format_assign_summary, run_assign
 
-    summary = run_assign(args.router, args.out, args.data, args.size)
+    with quiet_loading():
+        summary = run_assign(args.router, args.out, args.data, args.size)
     print(format_assign_summary(summary))
     print(f"shards and summary written to {args.out}")
     return 0
@@ -168,28 +176,33 @@ def cmd_assign(args) -> int:
 
 def cmd_finetune(args) -> int:
     from .config import parse_overrides
-    from .training.assign import load_router, shard_file
-    from .training.finetune import FinetuneConfig, run_finetune
+    from .evaluation.demo import quiet_loading
+    from .training.assign import load_router
+    from .training.finetune import FinetuneConfig, read_shard, run_finetune
 
     config = FinetuneConfig.from_dict(parse_overrides(args.set))
     if args.all == (args.expert is not None):
         raise APTPError("give either --expert K or --all")
+    check_output_folder(args.out)
     experts = range(load_router(args.router)[0].num_codes) if args.all else [args.expert]
     for expert in experts:
-        shard = shard_file(args.assign, expert)
-        if args.all and shard.is_file() and not json.loads(shard.read_text())["rows"]:
+        if args.all and not read_shard(args.assign, expert):
             print(f"expert {expert}: no prompts were routed to it; left as sliced")
             continue
-        print(f"expert {expert} written to {run_finetune(args.router, args.assign, expert, args.out, config)}")
+        with quiet_loading():
+            folder = run_finetune(args.router, args.assign, expert, args.out, config)
+        print(f"expert {expert} written to {folder}")
     return 0
 
 
 def cmd_export(args) -> int:
+    from .evaluation.demo import quiet_loading
     from .pipelines.build import build_pipeline
-
     from .utils import atomic_folder
 
-    pipeline = build_pipeline(args.router, args.experts)
+    check_output_folder(args.out)
+    with quiet_loading():
+        pipeline = build_pipeline(args.router, args.experts)
     with atomic_folder(args.out) as folder:
         pipeline.save_pretrained(folder)
     print(f"APTPPipeline with {len(pipeline.experts)} experts written to {args.out}")
@@ -204,9 +217,12 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
             lines = open(prompts_file, encoding="utf-8").read().splitlines()
         except OSError as error:
             raise APTPError(f"cannot read {prompts_file}: {error.strerror}") from None
+        except UnicodeDecodeError as error:
+            raise APTPError(f"{prompts_file} is not UTF-8 text ({error.reason} at byte {error.start})") from None
         collected += [line for line in lines if line.strip()]
     if not collected:
-        raise APTPError("no prompts given (pass them as arguments or with --prompts-file)")
+        where = f"{prompts_file} holds none" if prompts_file else "pass them as arguments or with --prompts-file"
+        raise APTPError(f"no prompts given ({where})")
     empty = [i for i, p in enumerate(collected) if not p.strip()]
     if empty:
         raise APTPError(f"empty prompt(s) at position(s) {empty}")
@@ -217,16 +233,18 @@ def cmd_generate(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
+    from .evaluation.demo import quiet_loading
     from .imaging import save_image_atomic
     from .pipelines import APTPPipeline
     from .utils import write_json_atomic
 
     prompts = read_prompts(args.prompts, args.prompts_file)
-    pipeline = APTPPipeline.from_pretrained(args.pipeline)
+    out = check_output_folder(args.out)
+    with quiet_loading():
+        pipeline = APTPPipeline.from_pretrained(args.pipeline)
     pipeline.set_progress_bar_config(disable=True)
     limit = pipeline.tokenizer.model_max_length
     records = []
-    out = Path(args.out)
     for start in tqdm(range(0, len(prompts), args.batch_size), desc="generating", unit="batch"):
         batch = prompts[start:start + args.batch_size]
         seeds = [args.seed + start + i for i in range(len(batch))]
@@ -257,7 +275,9 @@ def cmd_demo(args) -> int:
     from .config import parse_overrides
     from .evaluation.demo import demo_config, run_demo
 
-    report = run_demo(demo_config(args.output_dir, parse_overrides(args.set)))
+    config = demo_config(args.output_dir, parse_overrides(args.set))
+    check_output_folder(config.output_dir)
+    report = run_demo(config)
     print(f"report: {report}")
     return 0
 
@@ -267,6 +287,7 @@ def cmd_baselines(args) -> int:
     from .evaluation.demo import demo_config, evaluate_demo, quiet_loading, run_baselines
 
     config = demo_config(args.output_dir, parse_overrides(args.set))
+    check_output_folder(config.output_dir)
     with quiet_loading():
         run_baselines(config)
         report = evaluate_demo(config)
@@ -278,7 +299,9 @@ def cmd_ablation(args) -> int:
     from .config import parse_overrides
     from .evaluation.ablation import run_ablation
 
-    result = run_ablation(args.output_dir, args.variants, args.seeds, parse_overrides(args.set))
+    overrides = parse_overrides(args.set)
+    check_output_folder(args.output_dir)
+    result = run_ablation(args.output_dir, args.variants, args.seeds, overrides)
     print(result["table"])
     print(f"summary written to {Path(args.output_dir) / 'ablation.json'}")
     return 0
@@ -299,6 +322,7 @@ def cmd_evaluate(args) -> int:
     if args.clip:
         settings["clip"] = args.clip
     config = EvalConfig.from_dict(settings)
+    check_output_folder(args.out)
     with quiet_loading():
         report = evaluate_folders(args.pipeline, folders, config, args.out)
     print(f"report: {report}")
@@ -311,7 +335,7 @@ def cmd_evaluate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="aptp", description="Prompt-based pruning of text-to-image diffusion models.")
+    parser = Parser(prog="aptp", description="Prompt-based pruning of text-to-image diffusion models.")
     parser.add_argument("--version", action="version", version=f"aptp {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -320,8 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_parser = commands.add_parser("inspect", help="prunable units, parameters and MACs of a UNet")
     inspect_parser.add_argument("model", help="built-in config (tiny, sd15, sd21), a local UNet or pipeline folder, "
                                               "or a hub id when reachable")
-    inspect_parser.add_argument("--resolution", type=_positive_int, help="image size in pixels (default: the model's)")
-    inspect_parser.add_argument("--text-length", type=_positive_int, help="text tokens (default: the tokenizer's, 77)")
+    inspect_parser.add_argument("--resolution", type=positive_int, help="image size in pixels (default: the model's)")
+    inspect_parser.add_argument("--text-length", type=positive_int, help="text tokens (default: the tokenizer's, 77)")
     inspect_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect_parser.set_defaults(func=cmd_inspect)
 
@@ -330,38 +354,39 @@ def build_parser() -> argparse.ArgumentParser:
     benches.required = True
     slicing = benches.add_parser("slicing", help="latency of sliced experts vs the dense UNet")
     slicing.add_argument("--config", default="sd21", help="built-in config (default sd21)")
-    slicing.add_argument("--latent", type=_positive_int, default=64, help="latent size (default 64)")
-    slicing.add_argument("--batch", type=_positive_int, default=1)
+    slicing.add_argument("--latent", type=positive_int, default=64, help="latent size (default 64)")
+    slicing.add_argument("--batch", type=positive_int, default=1)
     slicing.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     slicing.add_argument("--device", default="cpu")
-    slicing.add_argument("--targets", type=_fraction, nargs="+", default=[0.8, 0.6, 0.4],
+    slicing.add_argument("--targets", type=fraction, nargs="+", default=[0.8, 0.6, 0.4],
                          help="expert sizes as fractions of dense MACs")
-    slicing.add_argument("--repeats", type=_positive_int, default=5)
-    slicing.add_argument("--warmup", type=int, default=1)
-    slicing.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    slicing.add_argument("--repeats", type=positive_int, default=5)
+    slicing.add_argument("--warmup", type=non_negative_int, default=1)
+    slicing.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (default: torch's choice)")
     slicing.set_defaults(func=cmd_bench_slicing)
     step = benches.add_parser("prune-step", help="pruning-phase step time vs a dense fine-tuning step")
     step.add_argument("--model", default="world", help="'world' or a Stable Diffusion pipeline folder")
-    step.add_argument("--batch", type=_positive_int, default=32)
-    step.add_argument("--repeats", type=_positive_int, default=10)
-    step.add_argument("--warmup", type=int, default=2)
-    step.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    step.add_argument("--batch", type=positive_int, default=32)
+    step.add_argument("--repeats", type=positive_int, default=10)
+    step.add_argument("--warmup", type=non_negative_int, default=2)
+    step.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (default: torch's choice)")
     step.set_defaults(func=cmd_bench_prune_step)
     throughput = benches.add_parser("throughput", help="APTPPipeline vs its dense base pipeline, images/s")
     throughput.add_argument("--pipeline", required=True, help="folder written by `aptp export`")
-    throughput.add_argument("--batch", type=_positive_int, default=64)
-    throughput.add_argument("--steps", type=_positive_int, default=25)
-    throughput.add_argument("--repeats", type=_positive_int, default=3)
-    throughput.add_argument("--warmup", type=int, default=1)
-    throughput.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    throughput.add_argument("--batch", type=positive_int, default=64)
+    throughput.add_argument("--steps", type=positive_int, default=25)
+    throughput.add_argument("--repeats", type=positive_int, default=3)
+    throughput.add_argument("--warmup", type=non_negative_int, default=1)
+    throughput.add_argument("--threads", type=non_negative_int, default=0,
+                            help="torch threads (default: torch's choice)")
     throughput.set_defaults(func=cmd_bench_throughput)
 
     memory = benches.add_parser("memory", help="APTPPipeline peak memory, few prompts vs many")
     memory.add_argument("--pipeline", required=True, help="folder written by `aptp export`")
-    memory.add_argument("--counts", type=_positive_int, nargs="+", default=[64, 1000])
-    memory.add_argument("--steps", type=_positive_int, default=2)
-    memory.add_argument("--max-batch-size", type=_positive_int, default=32)
-    memory.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    memory.add_argument("--counts", type=positive_int, nargs="+", default=[64, 1000])
+    memory.add_argument("--steps", type=positive_int, default=2)
+    memory.add_argument("--max-batch-size", type=positive_int, default=32)
+    memory.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (default: torch's choice)")
     memory.set_defaults(func=cmd_bench_memory)
 
     prune = commands.add_parser("prune", help="train the prompt router and K expert codes under a MACs budget")
@@ -375,14 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
     assign.add_argument("--router", required=True, help="router folder written by `aptp prune`")
     assign.add_argument("--out", required=True)
     assign.add_argument("--data", help="data source (default: the router's training data)")
-    assign.add_argument("--size", type=_positive_int, help="number of captioned images (default: the router's)")
+    assign.add_argument("--size", type=positive_int, help="number of captioned images (default: the router's)")
     assign.set_defaults(func=cmd_assign)
 
     finetune = commands.add_parser("finetune", help="fine-tune sliced experts on their own prompts")
     finetune.add_argument("--router", required=True)
     finetune.add_argument("--assign", required=True, help="folder written by `aptp assign`")
     finetune.add_argument("--out", required=True)
-    finetune.add_argument("--expert", type=int, help="expert index (an independent job per expert)")
+    finetune.add_argument("--expert", type=non_negative_int, help="expert index (an independent job per expert)")
     finetune.add_argument("--all", action="store_true", help="fine-tune every expert, one after another")
     finetune.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override options, e.g. steps=200")
     finetune.set_defaults(func=cmd_finetune)
@@ -398,10 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--pipeline", required=True, help="folder written by `aptp export`")
     generate.add_argument("--prompts-file", help="a text file with one prompt per line")
     generate.add_argument("--out", required=True)
-    generate.add_argument("--steps", type=_positive_int, default=25)
-    generate.add_argument("--guidance-scale", type=float, default=4.0)
+    generate.add_argument("--steps", type=positive_int, default=25)
+    generate.add_argument("--guidance-scale", type=non_negative_float, default=4.0)
     generate.add_argument("--seed", type=int, default=0, help="prompt i uses seed SEED + i")
-    generate.add_argument("--batch-size", type=_positive_int, default=32)
+    generate.add_argument("--batch-size", type=positive_int, default=32)
     generate.set_defaults(func=cmd_generate)
 
     demo = commands.add_parser("demo", help="the whole method on the embedded world, with baselines and a report")
@@ -447,7 +472,10 @@ def main(argv=None) -> int:
     # transformers warns at import about optional image backends (torchvision) this tool never uses.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, --version, or a usage error (its line is printed)
+        return stop.code if isinstance(stop.code, int) else 0
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -460,7 +488,7 @@ def main(argv=None) -> int:
         if args.debug and not isinstance(error, APTPError):
             raise
         message, code = describe_error(error)
-        print(f"aptp: error: {message}", file=sys.stderr)
+        print(f"aptp: error: {' '.join(message.split())}", file=sys.stderr)  # one line, always
         return code
 
 
@@ -475,8 +503,7 @@ def describe_error(error: Exception) -> tuple[str, int]:
         return f"a text file is not UTF-8 ({error.reason} at byte {error.start})", 2
     if isinstance(error, json.JSONDecodeError):
         return f"a JSON file is damaged ({error.msg}, line {error.lineno})", 2
-    first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
-    return f"unexpected {type(error).__name__}: {first} (run `aptp --debug ...` for the traceback)", 1
+    return f"unexpected {type(error).__name__}: {error_summary(error)} (run `aptp --debug ...` for the traceback)", 1
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, fields
@@ -80,7 +82,11 @@ def parse_overrides(items: list[str] | None) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise APTPError(f"expected key=value, got {item!r}")
-        parsed = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or type(error).__name__
+            raise APTPError(f"{item!r}: the value of {key.strip()} is not valid YAML ({problem})") from None
         if isinstance(parsed, str):
             try:
                 parsed = float(parsed)  # YAML 1.1 reads "3e-4" (no dot) as a string
@@ -88,3 +94,41 @@ def parse_overrides(items: list[str] | None) -> dict:
                 pass
         overrides[key.strip().replace("-", "_")] = parsed
     return overrides
+
+
+# Argument types of the command line: a bad value is one line of error, before any work starts.
+
+
+def positive_int(text: str) -> int:
+    value = _number(int, text, "a positive integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(int, text, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = _number(float, text, "a fraction in (0, 1]")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(float, text, "a finite number >= 0")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def _number(kind, text: str, expected: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None

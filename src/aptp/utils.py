@@ -14,6 +14,12 @@ class APTPError(Exception):
     """An error caused by the user's input; the CLI prints it as one line instead of a traceback."""
 
 
+def error_summary(error: BaseException) -> str:
+    """The first line of an exception's message (libraries often add paragraphs), or its type."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(error).__name__
+
+
 def ordinary_permissions(path: str | os.PathLike) -> None:
     """Give the files at ``path`` (a file, or every file under a folder) the modes any new file gets
     (0666 minus the umask): safetensors writes its files owner-only (0600)."""
@@ -26,12 +32,46 @@ def ordinary_permissions(path: str | os.PathLike) -> None:
             os.chmod(file, mode)
 
 
+def check_output_folder(folder: str | os.PathLike) -> Path:
+    """Refuse, before any work, an output folder that cannot be written: an existing file, or a path
+    whose nearest existing parent is a file or is not writable. Creates nothing."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise APTPError(f"{folder} is a file; expected an output folder")
+    parent = folder
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise APTPError(f"cannot create the output folder {folder}: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise APTPError(f"cannot write to the output folder {folder}: {parent} is not writable")
+    return folder
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file"):
+    """The content of a JSON file; a missing, unreadable or damaged file is one line naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise APTPError(f"no {what} at {path}") from None
+    except OSError as error:
+        raise APTPError(f"cannot read {path}: {error.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        reason = f"{error.msg}, line {error.lineno}" if isinstance(error, json.JSONDecodeError) else "not UTF-8"
+        raise APTPError(f"{path} is damaged: not valid JSON ({reason})") from None
+
+
 @contextmanager
 def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary sibling of ``folder`` to write into. When the block ends it replaces ``folder``
     (whose previous content stays whole until then), with ordinary file modes; when the block fails it
     is removed, and ``folder`` is left as it was."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise APTPError(f"{folder} is a file; expected an output folder")
     temporary, previous = (folder.with_name(folder.name + suffix) for suffix in (".tmp", ".old"))
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)

@@ -19,7 +19,7 @@ from ..costs import count_parameters
 from ..families import unet2d_condition as fam
 from ..families.presets import PRESETS
 from ..units import uniform_width_architecture
-from ..utils import APTPError
+from ..utils import APTPError, error_summary
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOLERANCE = 0.05  # target: latency ratio <= MACs ratio + TOLERANCE
@@ -45,6 +45,19 @@ def _time_once(model, inputs, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def _device(name: str) -> torch.device:
+    """``name`` as a device this machine has, or one line of error."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise APTPError(f"unknown device {name!r}; e.g. cpu, cuda, cuda:1, mps") from None
+    try:
+        torch.empty(0, device=device)
+    except Exception as error:  # e.g. no CUDA build, or no such GPU
+        raise APTPError(f"device {name!r} is not available here ({error_summary(error)})") from None
+    return device
+
+
 def run_slicing_benchmark(config: str = "sd21", latent: int = 64, batch: int = 1, dtype: str = "fp32",
                           device: str = "cpu", targets=(0.8, 0.6, 0.4), repeats: int = 5, warmup: int = 1,
                           seed: int = 0) -> list[Row]:
@@ -57,7 +70,7 @@ def run_slicing_benchmark(config: str = "sd21", latent: int = 64, batch: int = 1
     if repeats < 1 or latent < 8 or batch < 1:
         raise APTPError("repeats and batch must be >= 1 and latent >= 8")
     preset = PRESETS[config]
-    dev = torch.device(device)
+    dev = _device(device)
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     # Build directly in the benchmark dtype (half precision only where the device computes in it).

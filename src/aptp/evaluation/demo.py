@@ -42,7 +42,8 @@ class DemoConfig:
     model: str = WORLD
     prune: dict = field(default_factory=lambda: {"steps": 150, "warmup_steps": 15, "train_size": 2000,
                                                  "val_size": 200, "batch_size": 32, "validate_every": 0})
-    finetune: dict = field(default_factory=lambda: {"steps": 40, "batch_size": 32, "validation_prompts": 0})
+    finetune: dict = field(default_factory=lambda: {"steps": 40, "batch_size": 32, "lr": 3e-4,
+                                                    "validation_prompts": 0})
     evaluation: dict = field(default_factory=lambda: {"per_category": 32, "steps": 20, "batch_size": 64})
     baselines: tuple[str, ...] = BASELINES
     seed: int = 0
@@ -255,8 +256,15 @@ def demo_config(output_dir: str | None = None, overrides: dict | None = None) ->
         section, _, name = key.partition(".")
         if name and section in ("prune", "finetune", "evaluation"):
             getattr(config, section)[name] = value
+        elif key == "baselines":
+            names = [value] if isinstance(value, str) else value
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise APTPError(f"baselines must be a list of names, e.g. [static, magnitude], got {value!r}")
+            config = replace(config, baselines=tuple(names))
+        elif key in ("prune", "finetune", "evaluation"):
+            raise APTPError(f"set the {key} options one by one, e.g. {key}.steps=100")
         elif not name and key in DemoConfig.__dataclass_fields__:
-            config = replace(config, **{key: tuple(value) if key == "baselines" else value})
+            config = replace(config, **{key: value})
         else:
             raise APTPError(f"unknown demo option {key!r}")
     # Unknown or bad options fail now, not after the stages before them have run.

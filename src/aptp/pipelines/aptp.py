@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -23,7 +25,7 @@ from ..experts import APTPExpertBank
 from ..imaging import to_pil
 from ..routing import PromptRouter
 from ..routing.encoder import PromptEncoder
-from ..utils import APTPError
+from ..utils import APTPError, error_summary, read_json
 
 logger = diffusers_logging.get_logger(__name__)
 
@@ -62,6 +64,33 @@ class APTPPipelineOutput(BaseOutput):
     macs_fraction: list[float]
 
 
+COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler", "router", "experts")
+
+
+def check_pipeline_folder(folder: str | os.PathLike) -> Path:
+    """Refuse, before anything loads, a folder that is not a whole ``APTPPipeline`` (`aptp export`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        what = "a file" if folder.exists() else "no such folder"
+        raise APTPError(f"{folder} is not an APTPPipeline folder ({what}); see `aptp export`")
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise APTPError(f"{folder} is not an APTPPipeline folder (no model_index.json); see `aptp export`")
+    index = read_json(index_file)
+    kind = index.get("_class_name") if isinstance(index, dict) else None
+    if kind != APTPPipeline.__name__:
+        raise APTPError(f"{folder} is not an APTPPipeline folder (it holds a {kind or 'damaged model index'}); "
+                        "see `aptp export`")
+    missing = [name for name in COMPONENTS if name not in index or not (folder / name).is_dir()]
+    if missing:
+        raise APTPError(f"{folder} is an incomplete APTPPipeline folder (no {', '.join(missing)} folder)")
+    return folder
+
+
+def _is_hub_id(source: str) -> bool:
+    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not os.path.exists(source)
+
+
 class APTPPipeline(DiffusionPipeline):
     def __init__(self, vae, text_encoder, tokenizer, scheduler, router: PromptRouter, experts: APTPExpertBank):
         super().__init__()
@@ -70,6 +99,21 @@ class APTPPipeline(DiffusionPipeline):
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
                               router=router, experts=experts)
         self._prompt_encoder = None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "APTPPipeline":
+        """Load a folder written by :meth:`save_pretrained` (or a hub id). A missing, damaged or other kind
+        of folder raises :class:`APTPError` with one line naming it."""
+        source = str(pretrained_model_name_or_path)
+        if not _is_hub_id(source):
+            check_pipeline_folder(source)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except APTPError:
+            raise
+        except Exception as error:  # a damaged config or weights file, or a hub id that cannot be reached
+            raise APTPError(f"cannot load the APTPPipeline {source} ({type(error).__name__}: "
+                            f"{error_summary(error)})") from None
 
     @property
     def prompt_encoder(self) -> PromptEncoder:
@@ -95,14 +139,18 @@ class APTPPipeline(DiffusionPipeline):
         """Generate one image per prompt. Pass one generator per prompt for results that do not depend
         on which other prompts share the call. Each expert denoises its prompts in batches of at most
         ``max_batch_size``, so memory does not grow with the number of prompts."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-            raise APTPError("every prompt must be a non-empty string")
+            raise APTPError("prompt must be a non-empty string or a non-empty list of non-empty strings")
         self.check_settings(num_inference_steps, guidance_scale, height, width, output_type, max_batch_size)
         negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt] * len(prompts)
         generators = generator if isinstance(generator, list) else [generator] * len(prompts)
         if len(negatives) != len(prompts) or len(generators) != len(prompts):
             raise APTPError("negative_prompt and generator lists must have one entry per prompt")
+        if any(n is not None and not isinstance(n, str) for n in negatives):
+            raise APTPError("negative_prompt must be a string, a list of strings (one per prompt) or None")
+        if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+            raise APTPError("generator must be a torch.Generator, a list of them (one per prompt) or None")
         self.warn_truncated(prompts)
         routes = self.route(prompts)
         images: list[torch.Tensor | None] = [None] * len(prompts)

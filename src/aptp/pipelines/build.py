@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..config import UnitOptions
@@ -10,7 +11,7 @@ from ..families import family_of
 from ..training.assign import load_router
 from ..training.base_model import load_base_pipeline
 from ..training.finetune import expert_folder
-from ..utils import APTPError
+from ..utils import APTPError, error_summary
 from .aptp import APTPPipeline
 
 
@@ -35,7 +36,16 @@ def build_pipeline(router_dir: str | Path, experts_dir: str | Path | None = None
     for k in range(len(bank)):
         folder = expert_folder(experts_dir, k) if experts_dir else None
         if folder is not None and (folder / "config.json").is_file():
-            bank.experts[k] = family.APTPUNet2DConditionModel.from_pretrained(folder).eval()
+            try:
+                bank.experts[k] = family.APTPUNet2DConditionModel.from_pretrained(folder).eval()
+            except Exception as error:  # a damaged config or weights file
+                raise APTPError(f"{folder}: cannot load the expert ({error_summary(error)})") from None
+            own, base_config = family.base_config(bank.experts[k].config), family.base_config(base.unet.config)
+            different = sorted(key for key in own if key in base_config
+                                and json.dumps(own[key]) != json.dumps(base_config[key]))
+            if different:
+                raise APTPError(f"{folder} was not carved from this router's base model (config differs in "
+                                f"{different})")
             if bank.experts[k].config.aptp_widths != bank.config.expert_widths[k]:
                 raise APTPError(f"{folder} does not hold expert {k} of this router (its widths differ)")
         elif folder is not None:

@@ -5,22 +5,36 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import config_from_dict, parse_overrides
-from ..utils import APTPError
+from ..config import config_from_dict, non_negative_float, parse_overrides, positive_int
+from ..utils import APTPError, check_output_folder
+
+
+def _training_config(cls, overrides: dict):
+    """A stage's training options; counts that would train nothing (or crash) are refused."""
+    config = config_from_dict(cls, overrides)
+    for name in ("steps", "batch_size", "checkpoint_every"):
+        if getattr(config, name) < 1:
+            raise APTPError(f"{name} must be >= 1, got {getattr(config, name)}")
+    return config
 
 
 def run_train(args) -> int:
     from .train import UNetTrainConfig, VAETrainConfig, train_unet, train_vae
 
-    out = Path(args.out)
+    out = check_output_folder(args.out)
     overrides = parse_overrides(args.set)
+    if overrides and args.stage == "all":
+        raise APTPError("--set applies to one stage (their options differ): give --stage vae or --stage unet")
+    # Every option is checked before the first stage starts.
+    vae_config = _training_config(VAETrainConfig, overrides if args.stage == "vae" else {})
+    unet_config = _training_config(UNetTrainConfig, overrides if args.stage == "unet" else {})
+    vae = Path(args.vae) if args.vae else out / "vae"
+    if args.stage == "unet" and not (vae / "config.json").is_file():
+        raise APTPError(f"no trained VAE at {vae}; run `aptp teacher train --stage vae --out {out}` first")
     if args.stage in ("vae", "all"):
-        train_vae(out, config_from_dict(VAETrainConfig, overrides if args.stage == "vae" else {}))
+        train_vae(out, vae_config)
     if args.stage in ("unet", "all"):
-        vae = Path(args.vae) if args.vae else out / "vae"
-        if not (vae / "config.json").is_file():
-            raise APTPError(f"no trained VAE at {vae}; run `aptp teacher train --stage vae --out {out}` first")
-        train_unet(out, vae, config_from_dict(UNetTrainConfig, overrides if args.stage == "unet" else {}))
+        train_unet(out, vae, unet_config)
         print(f"teacher written to {out / 'teacher'}")
     return 0
 
@@ -39,6 +53,7 @@ def run_sample(args) -> int:
     prompts = [p.strip() for p in args.prompts]
     if any(not p for p in prompts):
         raise APTPError("empty prompt")
+    check_output_folder(args.out)
     images = to_pil(generate_images(load_teacher(args.teacher), prompts, _sampling(args)))
     out = Path(args.out)
     for i, image in enumerate(images):
@@ -51,6 +66,7 @@ def run_evaluate(args) -> int:
     from .components import load_teacher
     from .evaluate import evaluate_pipeline
 
+    check_output_folder(args.out)
     metrics = evaluate_pipeline(load_teacher(args.teacher), args.out, args.per_category, _sampling(args),
                                 name=args.name)
     accuracy = metrics["world_accuracy"]
@@ -66,8 +82,9 @@ def run_evaluate(args) -> int:
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", help="teacher pipeline folder (default: the shipped teacher)")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
-    parser.add_argument("--guidance-scale", type=float, default=4.0, help="classifier-free guidance (default 4)")
+    parser.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default 25)")
+    parser.add_argument("--guidance-scale", type=non_negative_float, default=4.0,
+                        help="classifier-free guidance (default 4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output folder")
 
@@ -91,7 +108,8 @@ def add_teacher_parser(subparsers) -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="world accuracy, FID and a grid on the test prompts")
     _add_sampling_arguments(evaluate)
-    evaluate.add_argument("--per-category", type=int, default=128, help="test prompts per category (default 128)")
+    evaluate.add_argument("--per-category", type=positive_int, default=128,
+                          help="test prompts per category (default 128)")
     evaluate.add_argument("--name", default="teacher", help="label in metrics and grid")
     evaluate.set_defaults(func=run_evaluate)
     return teacher

@@ -7,7 +7,6 @@ trains on. Routing is per prompt (argmax), so a prompt's expert never depends on
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 
 from ..routing import PromptRouter
 from ..routing.encoder import PromptEncoder
-from ..utils import APTPError, write_json_atomic
+from ..utils import APTPError, check_output_folder, error_summary, read_json, write_json_atomic
 from .base_model import load_base_pipeline
 from .cache import copy_cache, data_source, encode_dataset
 from .common import make_datasets
@@ -30,7 +29,21 @@ def load_router(folder: str | Path) -> tuple[PromptRouter, dict]:
     experts_file = folder / "experts.json"
     if not experts_file.is_file():
         raise APTPError(f"{folder} is not a trained router folder (no experts.json); run `aptp prune` first")
-    return PromptRouter.from_pretrained(folder).eval(), json.loads(experts_file.read_text())
+    experts = read_json(experts_file)
+    listed = experts.get("experts") if isinstance(experts, dict) else None
+    if not isinstance(listed, list) or not all(isinstance(e, dict) and isinstance(e.get("architecture"), dict)
+                                               and "macs_fraction" in e for e in listed):
+        raise APTPError(f"{experts_file} is damaged: it does not list the experts `aptp prune` writes")
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        if not (folder / name).is_file():
+            raise APTPError(f"{folder} is not a trained router folder (no {name}); run `aptp prune` again")
+    try:
+        router = PromptRouter.from_pretrained(folder).eval()
+    except Exception as error:  # a damaged config or weights file
+        raise APTPError(f"{folder}: cannot load the router ({error_summary(error)})") from None
+    if len(listed) != router.num_codes:
+        raise APTPError(f"{experts_file} lists {len(listed)} experts but the router has {router.num_codes} codes")
+    return router, experts
 
 
 def shard_file(folder: str | Path, expert: int) -> Path:
@@ -41,14 +54,14 @@ def run_assign(router_dir: str | Path, out: str | Path, data: str | None = None,
                seed: int | None = None) -> dict:
     """Route a dataset (default: the router's own training data) and write shards + ``summary.json``."""
     router, experts = load_router(router_dir)
+    out = check_output_folder(out)
     trained = experts["config"]
     data = data or trained["data"]
     size = size or trained["train_size"]
     seed = trained["seed"] if seed is None else seed
-    out = Path(out)
     metadata = router.config.metadata
+    dataset, _ = make_datasets(data, size, 1, metadata["resolution"], seed)  # bad data fails before loading
     pipeline = load_base_pipeline(metadata["base_model"])
-    dataset, _ = make_datasets(data, size, 1, metadata["resolution"], seed)
     encoder = PromptEncoder(router.config.prompt_encoder)
     if (data, size, seed) == (trained["data"], trained["train_size"], trained["seed"]):
         # Routing the router's own training data: start from the cache the pruning run already encoded.

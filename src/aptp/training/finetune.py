@@ -7,7 +7,7 @@ task); checkpoints are atomic and resuming is exact.
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,11 +21,14 @@ from ..config import UnitOptions, config_from_dict
 from ..families import family_of
 from ..imaging import comparison_grid, save_image_atomic, to_pil
 from ..pipelines.aptp import pipeline_with_unet
-from ..utils import APTPError, atomic_folder, write_json_atomic
+from ..utils import APTPError, atomic_folder, check_output_folder, error_summary, read_json, write_json_atomic
 from .assign import CACHE_FILE, load_router, shard_file
 from .base_model import load_base_pipeline
 from .checkpoint import check_same_settings, resume_checkpoint, save_checkpoint
 from .common import BlockRecorder, batch_index, noised_batch, run_loop, task_losses, warmup_cosine_lr
+
+
+MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
 
 
 @dataclass
@@ -52,6 +55,18 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.lr_schedule not in ("constant", "cosine"):
             raise APTPError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        for name in ("steps", "batch_size", "checkpoint_every", "validation_steps"):
+            if getattr(self, name) < 1:
+                raise APTPError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "lr_warmup", "weight_decay", "grad_clip", "lambda_ddpm", "lambda_distill", "lambda_blocks",
+                     "validate_every", "validation_prompts"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise APTPError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.min_snr_gamma is not None and not 0 < self.min_snr_gamma < math.inf:
+            raise APTPError(f"min_snr_gamma must be > 0 (or null: no weighting), got {self.min_snr_gamma}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise APTPError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, "
+                            f"got {self.mixed_precision!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "FinetuneConfig":
@@ -62,16 +77,48 @@ def expert_folder(out: str | Path, expert: int) -> Path:
     return Path(out) / f"expert-{expert}"
 
 
+def read_shard(assign_dir: str | Path, expert: int) -> list[int]:
+    """The cache rows ``aptp assign`` routed to ``expert``."""
+    shard = shard_file(assign_dir, expert)
+    if not shard.is_file():
+        raise APTPError(f"no {shard.name} in {assign_dir}; run `aptp assign` first")
+    content = read_json(shard)
+    rows = content.get("rows") if isinstance(content, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, int) and r >= 0 for r in rows):
+        raise APTPError(f"{shard} is damaged: no list of rows; run `aptp assign` again")
+    return rows
+
+
+def load_assigned_cache(assign_dir: str | Path, base_model: str) -> tuple[dict, list[str]]:
+    """The dataset ``aptp assign`` encoded into ``assign_dir`` (tensors, prompts), checked to come from
+    ``base_model``."""
+    cache_file = Path(assign_dir) / CACHE_FILE
+    if not cache_file.is_file():
+        raise APTPError(f"no {CACHE_FILE} in {assign_dir}; run `aptp assign` first")
+    text_file = cache_file.with_suffix(".json")
+    texts = read_json(text_file, "prompt list of the encoded dataset")
+    if not isinstance(texts, dict) or not isinstance(texts.get("prompts"), list):
+        raise APTPError(f"{text_file} is damaged (no prompt list); run `aptp assign` again")
+    source = (texts.get("source") or {}).get("model")
+    if source is not None and source != base_model:
+        raise APTPError(f"{assign_dir} was encoded with the base model {source}, not this router's {base_model}; "
+                        "run `aptp assign` with this router")
+    try:
+        cache = load_file(cache_file)
+    except Exception as error:  # truncated or not a safetensors file
+        raise APTPError(f"{cache_file} is damaged ({error_summary(error)}); run `aptp assign` again") from None
+    if "latent_mean" not in cache:
+        raise APTPError(f"{cache_file} is damaged (not an encoded dataset); run `aptp assign` again")
+    return cache, texts["prompts"]
+
+
 def run_finetune(router_dir: str | Path, assign_dir: str | Path, expert: int, out: str | Path,
                  config: FinetuneConfig | None = None) -> Path:
     """Fine-tune expert ``expert`` on its shard; writes ``OUT/expert-K`` (``save_pretrained``) and returns it."""
     router, experts = load_router(router_dir)
     if not 0 <= expert < router.num_codes:
         raise APTPError(f"expert must be in [0, {router.num_codes}), got {expert}")
-    shard = shard_file(assign_dir, expert)
-    if not shard.is_file():
-        raise APTPError(f"no {shard.name} in {assign_dir}; run `aptp assign` first")
-    rows = json.loads(shard.read_text())["rows"]
+    rows = read_shard(assign_dir, expert)
     if not rows:
         raise APTPError(f"no prompts were routed to expert {expert}; nothing to fine-tune it on")
     metadata = router.config.metadata
@@ -87,6 +134,10 @@ def finetune_architecture(base_model: str, options: UnitOptions, architecture: d
     """Slice ``architecture`` from the base UNet and fine-tune it on ``rows`` of the encoded dataset in
     ``assign_dir``; writes the model to ``out`` (``save_pretrained``, atomically) and returns it."""
     config = config or FinetuneConfig()
+    out = check_output_folder(out)
+    cache, prompts = load_assigned_cache(assign_dir, base_model)  # bad input fails before the model loads
+    if max(rows, default=0) >= len(cache["latent_mean"]):
+        raise APTPError(f"the routed rows do not match the encoded dataset in {assign_dir}; run `aptp assign` again")
     rows = torch.tensor(rows, dtype=torch.long)
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     set_seed(config.seed)
@@ -94,15 +145,12 @@ def finetune_architecture(base_model: str, options: UnitOptions, architecture: d
     teacher = pipeline.unet.eval().requires_grad_(False)
     architecture = {k: list(v) for k, v in architecture.items()}
     student = family_of(teacher).slice_unet(teacher, architecture, options).train().requires_grad_(True)
-    cache = load_file(Path(assign_dir) / CACHE_FILE)
-    prompts = json.loads((Path(assign_dir) / CACHE_FILE).with_suffix(".json").read_text())["prompts"]
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     student, optimizer = accelerator.prepare(student, optimizer)
     family = family_of(teacher)
     teacher_blocks = BlockRecorder(family.feature_modules(teacher))
     student_blocks = BlockRecorder(family.feature_modules(accelerator.unwrap_model(student)))
-    out = Path(out)
     checkpoint = out.with_name(out.name + "-checkpoint")
     start = 0
     if resumed := resume_checkpoint(checkpoint, {"expert": accelerator.unwrap_model(student)}, optimizer):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from aptp.utils import APTPError
+from aptp.utils import APTPError, check_output_folder
 from aptp.world import generator
 
 DEFAULT_EXPORT_N = 200
@@ -44,6 +44,7 @@ def add_split_and_seed(parser: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    check_output_folder(args.out)
     out_dir = generator.export_imagefolder(args.out, args.n, args.split, args.seed)
     print(f"wrote {args.n} {args.split} images (seed {args.seed}) + metadata.jsonl to {out_dir}")
     return 0
@@ -52,6 +53,7 @@ def run_export(args: argparse.Namespace) -> int:
 def run_preview(args: argparse.Namespace) -> int:
     if args.out.is_dir():
         raise APTPError(f"{args.out} is a directory; give a PNG file path")
+    check_output_folder(args.out.parent)
     grid = generator.preview_grid(args.per_category, args.split, args.seed, args.scale)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(args.out, format="PNG")
