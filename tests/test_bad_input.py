@@ -53,7 +53,7 @@ def fx(tmp_path_factory) -> Fixture:
                  "arch_dim=8", "hidden_dim=16", "hyper_hidden_dim=16", "validate_every=0", "difficulty_rows=8"]) == 0
     router = root / "prune" / "router"
     assert main(["assign", "--router", str(router), "--out", str(root / "assign")]) == 0
-    assert main(["export", "--router", str(router), "--out", str(root / "pipeline")]) == 0
+    assert main(["export", "--router", str(router), "--out", str(root / "pipeline"), "--allow-untrained-experts"]) == 0
     make_unet("sd1").save_pretrained(root / "other")
     return Fixture(root, sd2, sd2 / "unet", root / "data", router, root / "assign", root / "pipeline",
                    root / "other")
@@ -286,6 +286,8 @@ CASES = [
     Case("export-damaged-expert-config", ["export", "--router", "{router}", "--experts", "{tmp}/experts", "--out",
                                           "{tmp}/existing"],
          ("{tmp}/experts/expert-0", "cannot load the expert", "config.json"), damaged_expert_config),
+    Case("export-untrained-experts", ["export", "--router", "{router}", "--out", "{tmp}/pipeline"],
+         ("not fine-tuned", "--allow-untrained-experts")),
     Case("export-output-is-a-file", ["export", "--router", "{router}", "--out", "{tmp}/afile"],
          ("{tmp}/afile", "is a file")),
     Case("export-output-under-a-file", ["export", "--router", "{router}", "--out", "{tmp}/afile/pipeline"],

@@ -1,6 +1,7 @@
 """prune -> assign -> finetune -> export -> generate through the CLI on a tiny SD-2-style pipeline."""
 
 import json
+import shutil
 
 import torch
 from conftest import make_sd2_pipeline
@@ -40,10 +41,25 @@ def test_full_flow_from_the_cli(tmp_path, capsys):
                  str(tmp_path / "pipeline")]) == 2
     assert "holds no fine-tuned expert" in capsys.readouterr().err
     assert not (tmp_path / "pipeline").exists()
+    # An expert without its fine-tuned folder is refused, unless asked for explicitly.
+    shutil.copytree(tmp_path / "experts", tmp_path / "partial")
+    shutil.rmtree(tmp_path / "partial" / f"expert-{finetuned[0]}")
+    if len(finetuned) == 2:
+        assert main(["export", "--router", router, "--experts", str(tmp_path / "partial"), "--out",
+                     str(tmp_path / "pipeline")]) == 2
+        assert f"expert(s) {finetuned[0]} not fine-tuned" in capsys.readouterr().err
+        assert not (tmp_path / "pipeline").exists()
+    untrained = [k for k in range(2) if k not in finetuned] + [finetuned[0]]
+    assert main(["export", "--router", router, "--experts", str(tmp_path / "partial"), "--out",
+                 str(tmp_path / "allowed"), "--allow-untrained-experts"]) in (0, 2)  # 2: none left
+    if (tmp_path / "allowed").exists():
+        assert APTPPipeline.from_pretrained(tmp_path / "allowed").experts.untrained() == sorted(untrained)
+    capsys.readouterr()
+    allow = [] if len(finetuned) == 2 else ["--allow-untrained-experts"]
     assert main(["export", "--router", router, "--experts", str(tmp_path / "experts"), "--out",
-                 str(tmp_path / "pipeline")]) == 0
-    if len(finetuned) < 2:
-        assert "not fine-tuned" in capsys.readouterr().out
+                 str(tmp_path / "pipeline"), *allow]) == 0
+    steps = APTPPipeline.from_pretrained(tmp_path / "pipeline").experts.config.expert_finetune_steps
+    assert [steps[k] for k in finetuned] == [2] * len(finetuned) and sorted(steps).count(0) == 2 - len(finetuned)
     loaded = APTPPipeline.from_pretrained(tmp_path / "pipeline")
     k = finetuned[0]
     reference = APTPPipeline.from_pretrained(tmp_path / "pipeline").experts[k]

@@ -202,11 +202,17 @@ def cmd_export(args) -> int:
 
     check_output_folder(args.out)
     with quiet_loading():
-        pipeline = build_pipeline(args.router, args.experts)
+        pipeline = build_pipeline(args.router, args.experts, args.allow_untrained_experts)
     with atomic_folder(args.out) as folder:
         pipeline.save_pretrained(folder)
     print(f"APTPPipeline with {len(pipeline.experts)} experts written to {args.out}")
     return 0
+
+
+def warn_untrained(pipeline, folder) -> None:
+    if untrained := pipeline.experts.untrained():
+        print(f"warning: expert(s) {', '.join(map(str, untrained))} of {folder} were never fine-tuned "
+              "(exported with --allow-untrained-experts)", file=sys.stderr)
 
 
 def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
@@ -243,6 +249,7 @@ def cmd_generate(args) -> int:
     with quiet_loading():
         pipeline = APTPPipeline.from_pretrained(args.pipeline)
     pipeline.set_progress_bar_config(disable=True)
+    warn_untrained(pipeline, args.pipeline)
     limit = pipeline.tokenizer.model_max_length
     records = []
     for start in tqdm(range(0, len(prompts), args.batch_size), desc="generating", unit="batch"):
@@ -414,7 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="assemble a servable APTPPipeline folder")
     export.add_argument("--router", required=True)
-    export.add_argument("--experts", help="folder of fine-tuned experts (default: experts sliced as they are)")
+    export.add_argument("--experts", help="folder of fine-tuned experts (expert-K from `aptp finetune`)")
+    export.add_argument("--allow-untrained-experts", action="store_true",
+                        help="export experts without a fine-tuned folder as they are sliced from the base model")
     export.add_argument("--out", required=True)
     export.set_defaults(func=cmd_export)
 

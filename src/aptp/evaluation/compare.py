@@ -246,6 +246,8 @@ def evaluate_folders(pipeline_dir: str | Path, unet_folders: Mapping[str, str | 
             raise APTPError(f"the name {name!r} is taken; give the UNet folder another name")
     mixture = APTPPipeline.from_pretrained(pipeline_dir)
     mixture.set_progress_bar_config(disable=True)
+    if untrained := mixture.experts.untrained():
+        print(f"warning: expert(s) {', '.join(map(str, untrained))} of {pipeline_dir} were never fine-tuned")
     metadata = mixture.router.config.metadata
     base = load_base_pipeline(metadata["base_model"])
     family = family_of(base.unet)

@@ -24,7 +24,8 @@ class APTPExpertBank(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, base_config: dict | None = None, expert_widths: Sequence[dict] = (),
                  expert_macs: Sequence[float] = (), dense_macs: float = 0.0, family: str = "unet2d_condition",
-                 resolution: int = 0):
+                 resolution: int = 0, expert_finetune_steps: Sequence[int] = ()):
+        # expert_finetune_steps: per expert, the fine-tuning steps it had (0: sliced as it is); () unknown.
         super().__init__()
         model_class = family_named(family).APTPUNet2DConditionModel
         base = family_named(family).base_config(base_config or {})
@@ -35,6 +36,10 @@ class APTPExpertBank(ModelMixin, ConfigMixin):
 
     def __getitem__(self, index: int) -> nn.Module:
         return self.experts[index]
+
+    def untrained(self) -> list[int]:
+        """The experts recorded as never fine-tuned (sliced from the base model as they are)."""
+        return [k for k, steps in enumerate(self.config.expert_finetune_steps or ()) if not steps]
 
     def macs_fraction(self, index: int) -> float:
         return self.config.expert_macs[index] / self.config.dense_macs

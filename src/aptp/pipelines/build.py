@@ -15,11 +15,13 @@ from ..utils import APTPError, error_summary
 from .aptp import APTPPipeline
 
 
-def build_pipeline(router_dir: str | Path, experts_dir: str | Path | None = None) -> APTPPipeline:
+def build_pipeline(router_dir: str | Path, experts_dir: str | Path | None = None,
+                   allow_untrained: bool = False) -> APTPPipeline:
     """Router + experts + the base pipeline's VAE, text encoder, tokenizer and scheduler.
 
-    Experts fine-tuned into ``experts_dir/expert-K`` are used where present; the others are sliced
-    from the base UNet as they are (named in a printed note). A missing ``experts_dir``, or one that
+    Experts fine-tuned into ``experts_dir/expert-K`` are used. An expert without one is an error unless
+    ``allow_untrained``: then it is sliced from the base UNet as it is (named in a printed note). The
+    bank records each expert's fine-tuning steps (0: untrained). A missing ``experts_dir``, or one that
     holds no expert of this router, is an error.
     """
     if experts_dir is not None and not Path(experts_dir).is_dir():
@@ -32,7 +34,7 @@ def build_pipeline(router_dir: str | Path, experts_dir: str | Path | None = None
     options = UnitOptions.from_dict(metadata["unit_options"])
     macs_model = family.build_macs_model(base.unet, tuple(metadata["latent_size"]), metadata["text_length"], options)
     bank = APTPExpertBank.from_base(base.unet, architectures, macs_model, options, metadata["resolution"])
-    missing = []
+    missing, steps = [], [0] * len(bank)
     for k in range(len(bank)):
         folder = expert_folder(experts_dir, k) if experts_dir else None
         if folder is not None and (folder / "config.json").is_file():
@@ -48,12 +50,18 @@ def build_pipeline(router_dir: str | Path, experts_dir: str | Path | None = None
                                 f"{different})")
             if bank.experts[k].config.aptp_widths != bank.config.expert_widths[k]:
                 raise APTPError(f"{folder} does not hold expert {k} of this router (its widths differ)")
-        elif folder is not None:
+            info = folder / "aptp_expert.json"
+            steps[k] = int(json.loads(info.read_text()).get("config", {}).get("steps", 1)) if info.is_file() else 1
+        else:
             missing.append(k)
     if experts_dir is not None and len(missing) == len(bank):
         raise APTPError(f"{experts_dir} holds no fine-tuned expert (expected expert-K folders from `aptp finetune`)")
+    if missing and not allow_untrained:
+        where = f"no expert-K folder in {experts_dir}" if experts_dir else "no --experts folder given"
+        raise APTPError(f"expert(s) {', '.join(map(str, missing))} not fine-tuned ({where}); fine-tune them, "
+                        "or export anyway with --allow-untrained-experts")
     if missing:
-        print(f"note: expert(s) {', '.join(map(str, missing))} not fine-tuned (no folder in {experts_dir}); "
-              "sliced from the base model as they are")
+        print(f"note: expert(s) {', '.join(map(str, missing))} not fine-tuned; sliced from the base model as they are")
+    bank.register_to_config(expert_finetune_steps=steps)
     return APTPPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
                         scheduler=base.scheduler, router=router, experts=bank)
