@@ -81,8 +81,10 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    shutil.rmtree(previous, ignore_errors=True)
     if folder.exists():
+        # Only now is an older ``.old`` stale; without ``folder`` (a swap interrupted earlier) it may be the
+        # one whole copy (a checkpoint to resume from), kept until the new folder is in place.
+        shutil.rmtree(previous, ignore_errors=True)
         folder.rename(previous)
     temporary.rename(folder)
     shutil.rmtree(previous, ignore_errors=True)

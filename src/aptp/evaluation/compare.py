@@ -8,7 +8,6 @@ latency of one UNet call (timed interleaved across models) and images per second
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ from ..families import family_of
 from ..metrics.clip import CLIPEmbedder, clip_score, cmmd
 from ..metrics.fid import FrechetDistance
 from ..pipelines import APTPPipeline, pipeline_with_unet
+from ..pipelines.build import base_config_differences
 from ..teacher.train import images_to_tensor
 from ..training.base_model import load_base_pipeline
 from ..utils import APTPError
@@ -226,8 +226,7 @@ def load_unet_folder(folder: str | Path, base_unet, family):
     if not (folder / "config.json").is_file():
         raise APTPError(f"{folder} is not a UNet folder (no config.json)")
     unet = family.APTPUNet2DConditionModel.from_pretrained(folder).eval()
-    own, theirs = family.base_config(unet.config), family.base_config(base_unet.config)
-    different = sorted(k for k in own if k in theirs and json.dumps(own[k]) != json.dumps(theirs[k]))
+    different = base_config_differences(unet, base_unet, family)
     if different:
         raise APTPError(f"{folder} was not carved from this base model (config differs in {different})")
     return unet

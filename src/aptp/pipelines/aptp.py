@@ -153,14 +153,17 @@ class APTPPipeline(DiffusionPipeline):
             raise APTPError("generator must be a torch.Generator, a list of them (one per prompt) or None")
         self.warn_truncated(prompts)
         routes = self.route(prompts)
-        images: list[torch.Tensor | None] = [None]  # one (N, C, H, W) tensor, filled chunk by chunk
+        stacked = None  # one (N, C, H, W) tensor, filled chunk by chunk: no second copy of all images
         with quiet_truncation():
             for expert in sorted(set(routes)):
                 routed = [i for i, r in enumerate(routes) if r == expert]
                 for start in range(0, len(routed), max_batch_size):
-                    self._generate(expert, routed[start:start + max_batch_size], prompts, negatives, negative_prompt,
-                                   generators, generator, num_inference_steps, guidance_scale, height, width, images)
-        stacked = images[0]
+                    members = routed[start:start + max_batch_size]
+                    generated = self._generate(expert, members, prompts, negatives, negative_prompt, generators,
+                                               generator, num_inference_steps, guidance_scale, height, width)
+                    if stacked is None:
+                        stacked = torch.empty(len(prompts), *generated.shape[1:])
+                    stacked[members] = generated
         output = {"pil": lambda: to_pil(stacked), "np": lambda: stacked.permute(0, 2, 3, 1).numpy(),
                   "pt": lambda: stacked}[output_type]
         macs = [self.experts.config.expert_macs[r] for r in routes]
@@ -198,9 +201,8 @@ class APTPPipeline(DiffusionPipeline):
                                     f"got {value!r}")
 
     def _generate(self, expert, members, prompts, negatives, negative_prompt, generators, generator,
-                  num_inference_steps, guidance_scale, height, width, images) -> None:
-        """Denoise ``members`` (prompt indices) with one expert as one batch; write their rows of ``images[0]``
-        (allocated on the first call), so no second copy of all images is ever made."""
+                  num_inference_steps, guidance_scale, height, width) -> torch.Tensor:
+        """Denoise ``members`` (prompt indices) with one expert as one batch; their images in [0, 1]."""
         group_generators = [generators[i] for i in members]
         result = self.expert_pipeline(expert)(
             prompt=[prompts[i] for i in members],
@@ -209,6 +211,4 @@ class APTPPipeline(DiffusionPipeline):
             generator=None if group_generators[0] is None else
             (group_generators if isinstance(generator, list) else group_generators[0]),
             height=height, width=width, output_type="pt")
-        if images[0] is None:
-            images[0] = torch.empty(len(prompts), *result.images.shape[1:])
-        images[0][members] = result.images.float().cpu()
+        return result.images.float().cpu()

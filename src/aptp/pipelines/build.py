@@ -15,6 +15,13 @@ from ..utils import APTPError, error_summary
 from .aptp import APTPPipeline
 
 
+def base_config_differences(unet, base_unet, family) -> list[str]:
+    """The base-architecture config keys in which ``unet`` differs from ``base_unet`` (none: it was
+    carved from that base model)."""
+    own, theirs = family.base_config(unet.config), family.base_config(base_unet.config)
+    return sorted(k for k in own if k in theirs and json.dumps(own[k]) != json.dumps(theirs[k]))
+
+
 def build_pipeline(router_dir: str | Path, experts_dir: str | Path | None = None,
                    allow_untrained: bool = False) -> APTPPipeline:
     """Router + experts + the base pipeline's VAE, text encoder, tokenizer and scheduler.
@@ -42,9 +49,7 @@ def build_pipeline(router_dir: str | Path, experts_dir: str | Path | None = None
                 bank.experts[k] = family.APTPUNet2DConditionModel.from_pretrained(folder).eval()
             except Exception as error:  # a damaged config or weights file
                 raise APTPError(f"{folder}: cannot load the expert ({error_summary(error)})") from None
-            own, base_config = family.base_config(bank.experts[k].config), family.base_config(base.unet.config)
-            different = sorted(key for key in own if key in base_config
-                                and json.dumps(own[key]) != json.dumps(base_config[key]))
+            different = base_config_differences(bank.experts[k], base.unet, family)
             if different:
                 raise APTPError(f"{folder} was not carved from this router's base model (config differs in "
                                 f"{different})")

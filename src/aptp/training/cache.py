@@ -28,6 +28,17 @@ def data_source(model: str, data: str, resolution: int, seed: int, prompt_encode
             "split": split, "size": size}
 
 
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """A safetensors file written through a temporary sibling (readers never see half of it), with
+    ordinary file modes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    save_file(tensors, temporary)
+    ordinary_permissions(temporary)
+    temporary.replace(path)
+
+
 def copy_cache(source_file: str | Path, target_file: str | Path) -> bool:
     """Start ``target_file`` from another run's encoded cache (tensors and their JSON), unless it exists.
     :func:`encode_dataset` still checks the source, so a copy that does not match is re-encoded."""
@@ -93,10 +104,6 @@ def encode_dataset(dataset, vae, encode_text: Callable[[list[str]], torch.Tensor
     if encode_sentences is not None:
         cache["prompt_embeddings"] = torch.cat([encode_sentences(c).float().cpu() for c in chunks]).contiguous()
     texts = {"prompts": ordered, "categories": categories}
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    temporary = cache_file.with_name(cache_file.name + ".tmp")
-    save_file(cache, temporary)
-    ordinary_permissions(temporary)
-    temporary.replace(cache_file)
+    save_tensors_atomic(cache, cache_file)
     write_json_atomic(text_file, {**texts, "source": source})  # last: a cache without it is not reused
     return {**cache, **texts}

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..utils import APTPError, ordinary_permissions
+from ..utils import APTPError, atomic_folder
 
 STATE_FILE = "state.json"
 
@@ -47,27 +46,16 @@ def save_checkpoint(folder: str | os.PathLike, modules: dict[str, torch.nn.Modul
                     optimizer: torch.optim.Optimizer | None = None) -> Path:
     """Write ``modules`` (name -> module), the optimizer and a JSON ``state`` atomically to ``folder``."""
     folder = Path(folder)
-    temporary = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    for name, module in modules.items():
-        tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-        save_file(tensors, temporary / f"{name}.safetensors")
-    payload = {"state": state}
-    if optimizer is not None:
-        tensors, meta = _optimizer_tensors(optimizer)
-        save_file(tensors, temporary / "optimizer.safetensors")
-        payload["optimizer"] = meta
-    (temporary / STATE_FILE).write_text(json.dumps(payload, indent=1))
-    ordinary_permissions(temporary)
-    previous = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        # Only now is an older ``.old`` stale; without ``folder`` (a swap interrupted earlier) it is the one
-        # loadable checkpoint, kept until the new one is in place.
-        shutil.rmtree(previous, ignore_errors=True)
-        folder.rename(previous)
-    temporary.rename(folder)
-    shutil.rmtree(previous, ignore_errors=True)
+    with atomic_folder(folder) as temporary:  # an interrupted swap leaves ``folder.old`` to resume from
+        for name, module in modules.items():
+            tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+            save_file(tensors, temporary / f"{name}.safetensors")
+        payload = {"state": state}
+        if optimizer is not None:
+            tensors, meta = _optimizer_tensors(optimizer)
+            save_file(tensors, temporary / "optimizer.safetensors")
+            payload["optimizer"] = meta
+        (temporary / STATE_FILE).write_text(json.dumps(payload, indent=1))
     return folder
 
 

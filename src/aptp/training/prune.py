@@ -27,7 +27,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..config import UnitOptions, config_from_dict
@@ -45,9 +45,9 @@ from ..routing import (
 from ..routing.encoder import DEFAULT_PROMPT_ENCODER, PromptEncoder
 from ..routing.router import width_floors
 from ..units import UnitLayout, uniform_width_architecture
-from ..utils import APTPError, atomic_folder, ordinary_permissions, write_json_atomic
+from ..utils import APTPError, atomic_folder, write_json_atomic
 from .base_model import load_base_pipeline
-from .cache import data_source, encode_dataset
+from .cache import data_source, encode_dataset, save_tensors_atomic
 from .checkpoint import check_same_settings, refuse_other_settings, resume_checkpoint, save_checkpoint
 from .common import (
     WORLD,
@@ -141,9 +141,10 @@ class PruneConfig:
         positive = ("lr", "gate_temperature_start", "gate_temperature_end", "score_temperature",
                     "contrastive_temperature", "sinkhorn_epsilon")
         not_positive = [name for name in positive if not getattr(self, name) > 0]
-        if not_positive or self.weight_decay < 0 or self.validate_every < 0:
-            raise APTPError(f"{', '.join(not_positive) or 'weight_decay and validate_every'} must be > 0 "
-                            "(weight_decay and validate_every >= 0)")
+        if not_positive:
+            raise APTPError(f"{', '.join(not_positive)} must be > 0")
+        if self.weight_decay < 0 or self.validate_every < 0:
+            raise APTPError("weight_decay and validate_every must be >= 0")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise APTPError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         if self.warmup_steps >= self.steps:
@@ -313,11 +314,7 @@ def prompt_difficulty(unet, controller, gates: torch.Tensor, cache: dict, schedu
         error = (pruned - teacher).pow(2).flatten(1).mean(1)
         weights = snr_weights(scheduler, batch["timesteps"], config.min_snr_gamma)
         difficulty[index] = (error * weights if weights is not None else error).cpu()
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    temporary = cache_file.with_name(cache_file.name + ".tmp")
-    save_file({"difficulty": difficulty}, temporary)
-    ordinary_permissions(temporary)
-    temporary.replace(cache_file)
+    save_tensors_atomic({"difficulty": difficulty}, cache_file)
     write_json_atomic(key_file, key)
     return difficulty
 
