@@ -32,6 +32,18 @@ def test_full_flow_from_the_cli(tmp_path, capsys):
                  "validation_steps=2"]) == 0
     finetuned = [k for k in range(2) if (tmp_path / "experts" / f"expert-{k}" / "config.json").is_file()]
     assert finetuned, "at least one expert received prompts and was fine-tuned"
+    # A re-run with other settings is refused (one line, nothing changed); --overwrite redoes the expert.
+    expert = tmp_path / "experts" / f"expert-{finetuned[0]}"
+    before = {p: p.read_bytes() for p in sorted((tmp_path / "experts").rglob("*")) if p.is_file()}
+    again = ["finetune", "--router", router, "--assign", str(tmp_path / "assign"), "--out", str(tmp_path / "experts"),
+             "--expert", str(finetuned[0]), "--set", "steps=2", "batch_size=4", "lr=1e-3"]
+    capsys.readouterr()
+    assert main(again) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "differs in lr" in error and "--overwrite" in error
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "experts").rglob("*")) if p.is_file()} == before
+    assert main(again + ["--overwrite"]) == 0
+    assert json.loads((expert / "aptp_expert.json").read_text())["config"]["lr"] == 1e-3
     # A mistyped or empty experts folder is an error, never experts shipped without fine-tuning.
     assert main(["export", "--router", router, "--experts", str(tmp_path / "expertz"), "--out",
                  str(tmp_path / "pipeline")]) == 2

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,5 +214,32 @@ def test_a_run_with_other_settings_is_not_resumed(tmp_path, capsys):
     capsys.readouterr()
     assert main(["prune", "--config", str(config), "--set", "budget=0.5", "--output-dir", str(tmp_path / "a")]) == 2
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "other settings (differs in ['budget'])" in error
+    assert error.count("\n") == 1 and "other settings or inputs (differs in budget)" in error
+    assert "--overwrite" in error
     assert _tree(tmp_path / "a") == before  # nothing of the finished run was touched
+
+    # Same config, other inputs: captions edited in place (same record count), a retrained base model.
+    metadata = Path(settings["data"]) / "metadata.jsonl"
+    original = metadata.read_text()
+    metadata.write_text(original.replace('"text": "a ', '"text": "one ', 1))
+    assert main(["prune", "--config", str(config), "--output-dir", str(tmp_path / "a")]) == 2
+    assert "differs in train.captions" in capsys.readouterr().err
+    metadata.write_text(original)
+    weights = next(Path(settings["model"], "unet").glob("*.safetensors"))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(weights)
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first] + 1
+    save_file(tensors, weights)
+    assert main(["prune", "--config", str(config), "--output-dir", str(tmp_path / "a")]) == 2
+    assert "differs in base_model.weights" in capsys.readouterr().err
+    assert _tree(tmp_path / "a") == before
+
+    # --overwrite starts over: the run is redone on the new model and labelled with the new settings.
+    assert main(["prune", "--config", str(config), "--set", "budget=0.5", "--output-dir", str(tmp_path / "a"),
+                 "--overwrite"]) == 0
+    router = PromptRouter.from_pretrained(tmp_path / "a" / "router")
+    assert router.config.metadata["budget"] == 0.5
+    # ... and a matching re-run resumes (nothing to do) instead of refusing.
+    assert main(["prune", "--config", str(config), "--set", "budget=0.5", "--output-dir", str(tmp_path / "a")]) == 0

@@ -64,3 +64,22 @@ def test_shipped_teacher_is_small_fp16_and_samples_offline():
     image = teacher('the word "SUN" in white on a blue background', num_inference_steps=2,
                     generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
+
+
+def test_teacher_training_refuses_a_run_of_other_settings_or_vae(tmp_path):
+    from aptp.teacher.train import UNetTrainConfig, VAETrainConfig, train_unet, train_vae
+    from aptp.training.checkpoint import OtherRunError
+
+    vae = VAETrainConfig(steps=1, batch_size=2, checkpoint_every=1)
+    train_vae(tmp_path / "a", vae)
+    with pytest.raises(OtherRunError, match="differs in lr"):
+        train_vae(tmp_path / "a", VAETrainConfig(steps=1, batch_size=2, checkpoint_every=1, lr=1e-4))
+    train_vae(tmp_path / "b", VAETrainConfig(steps=1, batch_size=2, checkpoint_every=1, seed=1))
+    unet = UNetTrainConfig(steps=1, batch_size=2, dataset_size=4, checkpoint_every=1,
+                           block_out_channels=(32, 32, 32))
+    train_unet(tmp_path / "a", tmp_path / "a" / "vae", unet)
+    # The same settings on another VAE would mix two runs.
+    with pytest.raises(OtherRunError, match="vae.weights"):
+        train_unet(tmp_path / "a", tmp_path / "b" / "vae", unet)
+    train_unet(tmp_path / "a", tmp_path / "b" / "vae", unet, overwrite=True)
+    assert (tmp_path / "a" / "teacher" / "unet" / "config.json").is_file()

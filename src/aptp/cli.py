@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import fraction, non_negative_float, non_negative_int, positive_int
+from .config import add_overwrite_argument, fraction, non_negative_float, non_negative_int, positive_int
 from .teacher.cli import add_teacher_parser
 from .utils import APTPError, check_output_folder, error_summary
 from .world.cli import add_world_parser
@@ -155,7 +155,7 @@ def cmd_prune(args) -> int:
         raise APTPError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
     check_output_folder(config.output_dir)
     with quiet_loading():
-        run_prune(config)
+        run_prune(config, args.overwrite)
     return 0
 
 
@@ -190,7 +190,7 @@ def cmd_finetune(args) -> int:
             print(f"expert {expert}: no prompts were routed to it; left as sliced")
             continue
         with quiet_loading():
-            folder = run_finetune(args.router, args.assign, expert, args.out, config)
+            folder = run_finetune(args.router, args.assign, expert, args.out, config, args.overwrite)
         print(f"expert {expert} written to {folder}")
     return 0
 
@@ -284,7 +284,7 @@ def cmd_demo(args) -> int:
 
     config = demo_config(args.output_dir, parse_overrides(args.set))
     check_output_folder(config.output_dir)
-    report = run_demo(config)
+    report = run_demo(config, args.overwrite)
     print(f"report: {report}")
     return 0
 
@@ -401,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="YAML config, or a built-in one: world (default), sd21")
     prune.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. budget=0.5")
     prune.add_argument("--output-dir", help="output folder (overrides the config's output_dir)")
+    add_overwrite_argument(prune)
     prune.set_defaults(func=cmd_prune)
 
     assign = commands.add_parser("assign", help="route every prompt of a dataset; write per-expert shards")
@@ -417,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--expert", type=non_negative_int, help="expert index (an independent job per expert)")
     finetune.add_argument("--all", action="store_true", help="fine-tune every expert, one after another")
     finetune.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override options, e.g. steps=200")
+    add_overwrite_argument(finetune)
     finetune.set_defaults(func=cmd_finetune)
 
     export = commands.add_parser("export", help="assemble a servable APTPPipeline folder")
@@ -442,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--set", nargs="*", metavar="KEY=VALUE",
                       help="override options, e.g. prune.steps=100 finetune.steps=20 evaluation.per_category=16")
+    add_overwrite_argument(demo)
     demo.set_defaults(func=cmd_demo)
 
     baselines = commands.add_parser("baselines", help="static / magnitude / random baselines at the mixture's MACs")

@@ -99,6 +99,12 @@ def parse_overrides(items: list[str] | None) -> dict:
 # Argument types of the command line: a bad value is one line of error, before any work starts.
 
 
+def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete a run of other settings or inputs found in the output folder and start over "
+                             "(default: refuse it)")
+
+
 def positive_int(text: str) -> int:
     value = _number(int, text, "a positive integer")
     if value < 1:

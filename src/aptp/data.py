@@ -9,6 +9,7 @@ and reports how many were dropped), never a crash.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -160,6 +161,13 @@ class CaptionedImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def identity(self) -> dict:
+        """The record count and a hash of every image file name and caption, in order."""
+        digest = hashlib.sha256()
+        for record in self.records:
+            digest.update(f"{record.image.name}\0{record.caption}\n".encode())
+        return {"records": len(self.records), "captions": digest.hexdigest()[:16]}
+
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         return {"index": index, "prompt": record.caption, "category": record.category,
@@ -188,6 +196,10 @@ class WorldImages(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self.size
+
+    def identity(self) -> dict:
+        """The world's captions are fixed by the split and seed."""
+        return {"records": self.size, "captions": f"world {self.split} split, seed {self.seed}"}
 
     def __getitem__(self, index: int) -> dict:
         from .world.generator import sample

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -48,6 +49,41 @@ def check_output_folder(folder: str | os.PathLike) -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise APTPError(f"cannot write to the output folder {folder}: {parent} is not writable")
     return folder
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+_EDGE = 1 << 20  # bytes hashed at each end of a weight file
+
+
+def folder_identity(folder: str | os.PathLike) -> dict:
+    """What a model folder holds, without reading all of its weights: a hash of every JSON file, and a hash
+    of each weight file's name, size and first and last MiB (a retrained model differs in all three)."""
+    folder = Path(folder)
+    configs, weights = hashlib.sha256(), hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = file.relative_to(folder).as_posix()
+        if file.suffix == ".json":
+            configs.update(name.encode() + b"\0" + file.read_bytes())
+        elif file.suffix in WEIGHT_SUFFIXES:
+            size = file.stat().st_size
+            with open(file, "rb") as handle:
+                head = handle.read(_EDGE)
+                handle.seek(max(0, size - _EDGE))
+                tail = handle.read(_EDGE)
+            weights.update(f"{name}\0{size}\0".encode() + head + tail)
+    return {"configs": configs.hexdigest()[:16], "weights": weights.hexdigest()[:16]}
+
+
+def flat_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested dicts."""
+    keys = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and a and b:
+            keys += flat_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file"):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..training.common import batch_index
+from ..training.common import batch_index, batch_positions, noised_batch, sample_seeds
 from ..training.prune import PruneConfig, prepare, prune_step
 
 
@@ -35,12 +35,9 @@ def run_prune_step_benchmark(model: str = "world", batch_size: int = 32, repeats
 
         def finetune_step(step: int) -> None:
             index = batch_index(step, batch_size, len(cache["prompt_index"]), seed, 0, 1)
-            latents = cache["latent_mean"][index] * scaling
-            text = cache["text_states"][cache["prompt_index"][index]].float()
-            noise = torch.randn_like(latents)
-            timesteps = torch.randint(0, state.scheduler.config.num_train_timesteps, (len(index),))
-            noisy = state.scheduler.add_noise(latents, noise, timesteps)
-            loss = F.mse_loss(dense(noisy, timesteps, text).sample, noise)
+            batch = noised_batch(cache, index, state.scheduler, scaling,
+                                 sample_seeds(seed, batch_positions(step, batch_size, 0, 1)), "cpu")
+            loss = F.mse_loss(dense(batch["noisy"], batch["timesteps"], batch["text"]).sample, batch["target"])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -23,9 +23,9 @@ from ..config import UnitOptions
 from ..families import family_of
 from ..pipelines.build import build_pipeline
 from ..training.assign import SUMMARY_FILE, load_router, run_assign
-from ..training.base_model import WORLD, load_base_pipeline
+from ..training.base_model import WORLD, load_base_pipeline, model_identity
 from ..training.cache import copy_cache
-from ..training.checkpoint import refuse_other_settings
+from ..training.checkpoint import OtherRunError, remove_outputs
 from ..training.finetune import FinetuneConfig, expert_folder, finetune_architecture, run_finetune
 from ..training.prune import load_prune_config, run_prune
 from ..units import uniform_width_architecture
@@ -146,11 +146,10 @@ def run_baselines(config: DemoConfig, stages: Stages | None = None) -> dict[str,
                                folder / "prune" / "cache" / f"{split}.safetensors")
                 prune = load_prune_config(None, {**_prune_overrides(config), "num_codes": 1,
                                                  "output_dir": str(folder / "prune")})
-                try:  # a pruning run of other settings is redone; one of these settings is kept or resumed
-                    refuse_other_settings(folder / "prune" / "checkpoint", asdict(prune))
-                except APTPError:
-                    shutil.rmtree(folder / "prune")
-                run_prune(prune)
+                try:  # a pruning run of other settings or inputs is redone; one of these is kept or resumed
+                    run_prune(prune)
+                except OtherRunError:
+                    run_prune(prune, overwrite=True)
                 _, single = load_router(folder / "prune" / "router")
                 expert = single["experts"][0]
                 _finetune_single(config, router_dir, expert["architecture"], expert["macs_fraction"], all_rows,
@@ -181,7 +180,7 @@ def _finetune_single(config: DemoConfig, router_dir: Path, architecture: dict, m
 def _stage_settings(config: DemoConfig, upto: str) -> dict:
     """The settings a stage's output depends on: those of its own step and of every step before it."""
     steps = ("prune", "finetune", "evaluation")
-    settings = {"model": config.model, "seed": config.seed}
+    settings = {"model": config.model, "model_identity": model_identity(config.model), "seed": config.seed}
     for step in steps[:steps.index(upto) + 1]:
         settings[step] = getattr(config, step)
     if upto == "evaluation":
@@ -201,9 +200,15 @@ def evaluate_demo(config: DemoConfig) -> Path:
                             out / "report", {"demo": asdict(config)})
 
 
-def run_demo(config: DemoConfig) -> Path:
-    """Run (or resume) every stage of the demo; returns the path of report.html."""
+DEMO_OUTPUTS = ("prune", "assign", "experts", "pipeline", "baselines", "report", STAGES_FILE, "demo.json")
+
+
+def run_demo(config: DemoConfig, overwrite: bool = False) -> Path:
+    """Run (or resume) every stage of the demo; returns the path of report.html. Stages whose settings
+    changed are redone; ``overwrite`` redoes them all."""
     start = time.perf_counter()
+    if overwrite:
+        remove_outputs(*(Path(config.output_dir) / name for name in DEMO_OUTPUTS))
     with quiet_loading():
         report = _run_stages(config)
     print(f"demo finished in {_minutes(time.perf_counter() - start)}; everything is under {config.output_dir}")

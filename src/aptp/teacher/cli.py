@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import config_from_dict, non_negative_float, parse_overrides, positive_int
+from ..config import add_overwrite_argument, config_from_dict, non_negative_float, parse_overrides, positive_int
 from ..utils import APTPError, check_output_folder
 
 
@@ -32,9 +32,9 @@ def run_train(args) -> int:
     if args.stage == "unet" and not (vae / "config.json").is_file():
         raise APTPError(f"no trained VAE at {vae}; run `aptp teacher train --stage vae --out {out}` first")
     if args.stage in ("vae", "all"):
-        train_vae(out, vae_config)
+        train_vae(out, vae_config, args.overwrite)
     if args.stage in ("unet", "all"):
-        train_unet(out, vae, unet_config)
+        train_unet(out, vae, unet_config, args.overwrite)
         print(f"teacher written to {out / 'teacher'}")
     return 0
 
@@ -99,6 +99,7 @@ def add_teacher_parser(subparsers) -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="run folder (checkpoints, caches, vae/, teacher/)")
     train.add_argument("--vae", help="trained VAE folder for --stage unet (default: OUT/vae)")
     train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override training options, e.g. steps=500")
+    add_overwrite_argument(train)
     train.set_defaults(func=run_train)
 
     sample = commands.add_parser("sample", help="generate images for prompts")

@@ -19,9 +19,15 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from .. import world
 from ..data import WorldImages
 from ..training.cache import EMPTY_PROMPT_INDEX, encode_dataset
-from ..training.checkpoint import resume_checkpoint, save_checkpoint
+from ..training.checkpoint import (
+    check_same_settings,
+    refuse_other_settings,
+    remove_outputs,
+    resume_checkpoint,
+    save_checkpoint,
+)
 from ..training.common import batch_index, run_loop, warmup_cosine_lr
-from ..utils import APTPError, atomic_folder
+from ..utils import APTPError, atomic_folder, folder_identity
 from .components import (
     TEACHER_DIR,
     UNET_CONFIG,
@@ -91,17 +97,22 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def train_vae(out: str | Path, config: VAETrainConfig | None = None) -> AutoencoderKL:
-    """Train the teacher's VAE into ``out/vae`` (checkpoints in ``out/vae-checkpoint``)."""
+def train_vae(out: str | Path, config: VAETrainConfig | None = None, overwrite: bool = False) -> AutoencoderKL:
+    """Train the teacher's VAE into ``out/vae`` (checkpoints in ``out/vae-checkpoint``). A run with other
+    settings in the way is refused unless ``overwrite``."""
     config = config or VAETrainConfig()
     out = Path(out)
+    checkpoint = out / "vae-checkpoint"
+    if overwrite:
+        remove_outputs(checkpoint, out / "vae")
+    refuse_other_settings(checkpoint, asdict(config))
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     vae = build_vae().train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
-    checkpoint = out / "vae-checkpoint"
     start = 0
     if resumed := resume_checkpoint(checkpoint, {"vae": vae}, optimizer):
+        check_same_settings(*resumed, asdict(config))
         start = resumed[1]["step"]
 
     def step_fn(step: int) -> float:
@@ -162,10 +173,19 @@ def _row_weights(categories: list[str], weights: dict[str, float] | None) -> tor
     return row
 
 
-def train_unet(out: str | Path, vae_path: str | Path, config: UNetTrainConfig | None = None):
-    """Train the teacher UNet on the frozen VAE's latents; the EMA weights become ``out/teacher``."""
+def train_unet(out: str | Path, vae_path: str | Path, config: UNetTrainConfig | None = None,
+               overwrite: bool = False):
+    """Train the teacher UNet on the frozen VAE's latents; the EMA weights become ``out/teacher``. A run with
+    other settings, VAE or initial UNet in the way is refused unless ``overwrite``."""
     config = config or UNetTrainConfig()
     out = Path(out)
+    checkpoint = out / "unet-checkpoint"
+    init = None if config.init is None else TEACHER_DIR if config.init == "shipped" else Path(config.init)
+    identity = {"vae": folder_identity(vae_path),
+                "init": folder_identity(init / "unet") if init is not None else None}
+    if overwrite:
+        remove_outputs(checkpoint, out / "teacher", out / "world-cache.safetensors", out / "world-cache.json")
+    refuse_other_settings(checkpoint, asdict(config), identity=identity)
     out.mkdir(parents=True, exist_ok=True)
     vae = AutoencoderKL.from_pretrained(vae_path).eval().requires_grad_(False)
     text_encoder, tokenizer = load_text_encoder()
@@ -175,17 +195,17 @@ def train_unet(out: str | Path, vae_path: str | Path, config: UNetTrainConfig | 
     pipeline = assemble_pipeline(vae, ema, build_scheduler(), text_encoder, tokenizer)
     noise_scheduler = training_scheduler(pipeline.scheduler)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=1e-2)
-    checkpoint = out / "unet-checkpoint"
     modules = {"unet": unet, "ema": ema}
     start = 0
     if resumed := resume_checkpoint(checkpoint, modules, optimizer):
+        check_same_settings(*resumed, asdict(config), identity=identity)
         start = resumed[1]["step"]
     scaling = vae.config.scaling_factor
     cache = encode_dataset(WorldImages(config.dataset_size, "train", config.seed), vae,
                            lambda prompts: pipeline.encode_prompt(prompts, "cpu", 1, False)[0],
                            out / "world-cache.safetensors",
                            source={"data": "world", "split": "train", "size": config.dataset_size, "seed": config.seed,
-                                   "vae": str(Path(vae_path).resolve())})
+                                   "vae": identity["vae"]})
     size = len(cache["prompt_index"])
     row_weights = _row_weights(cache["categories"], config.category_weights)
 
@@ -218,7 +238,7 @@ def train_unet(out: str | Path, vae_path: str | Path, config: UNetTrainConfig | 
         return {"loss": loss.item()}
 
     def save_fn(step: int) -> None:
-        save_checkpoint(checkpoint, modules, {"step": step, "config": asdict(config)}, optimizer)
+        save_checkpoint(checkpoint, modules, {"step": step, "config": asdict(config), "identity": identity}, optimizer)
 
     run_loop(config.steps, start, step_fn, save_fn, config.checkpoint_every, checkpoint, "unet")
     save_teacher(pipeline, out / "teacher")

@@ -15,7 +15,7 @@ import torch
 from ..routing import PromptRouter
 from ..routing.encoder import PromptEncoder
 from ..utils import APTPError, check_output_folder, error_summary, read_json, write_json_atomic
-from .base_model import load_base_pipeline
+from .base_model import load_base_pipeline, model_identity
 from .cache import copy_cache, data_source, encode_dataset
 from .common import make_datasets
 
@@ -68,8 +68,9 @@ def run_assign(router_dir: str | Path, out: str | Path, data: str | None = None,
         copy_cache(Path(router_dir).parent / "cache" / "train.safetensors", out / CACHE_FILE)
     cache = encode_dataset(dataset, pipeline.vae, lambda p: pipeline.encode_prompt(p, pipeline.device, 1, False)[0],
                            out / CACHE_FILE, encoder.encode,
-                           source=data_source(metadata["base_model"], data, metadata["resolution"], seed,
-                                              router.config.prompt_encoder, "train", size))
+                           source=data_source(metadata["base_model"], model_identity(metadata["base_model"]), data,
+                                              dataset, metadata["resolution"], seed, router.config.prompt_encoder,
+                                              "train"))
     with torch.no_grad():
         prompt_routes = router.route(cache["prompt_embeddings"])
     routes = prompt_routes[cache["prompt_index"]].tolist()

@@ -8,9 +8,17 @@ from pathlib import Path
 import torch
 
 from ..teacher.components import TEACHER_DIR, load_teacher
-from ..utils import APTPError
+from ..utils import APTPError, folder_identity
 
 WORLD = "world"  # the shipped world teacher (also the name of the world data source)
+
+
+def model_identity(source: str) -> dict:
+    """What the base model is (its configs and weights, see :func:`folder_identity`), for run fingerprints."""
+    folder = TEACHER_DIR if source == WORLD else Path(source)
+    if not folder.is_dir():
+        raise APTPError(f"{source}: no such model folder and not '{WORLD}'")
+    return folder_identity(folder)
 
 
 def load_base_pipeline(source: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

@@ -21,11 +21,13 @@ from ..utils import APTPError, ordinary_permissions, write_json_atomic
 EMPTY_PROMPT_INDEX = 0  # the empty prompt (classifier-free guidance) is always entry 0
 
 
-def data_source(model: str, data: str, resolution: int, seed: int, prompt_encoder: str, split: str,
-                size: int) -> dict:
-    """What an encoded cache was made from; a cache is reused only for the same source."""
-    return {"model": model, "data": data, "resolution": resolution, "seed": seed, "prompt_encoder": prompt_encoder,
-            "split": split, "size": size}
+def data_source(model: str, model_identity: dict, data: str, dataset, resolution: int, seed: int,
+                prompt_encoder: str, split: str) -> dict:
+    """What an encoded cache was made from (the base model's and the dataset's identity included); a cache
+    is reused only for the same source."""
+    return {"model": model, "base_model": model_identity, "data": data, "records": dataset.identity(),
+            "resolution": resolution, "seed": seed, "prompt_encoder": prompt_encoder, "split": split,
+            "size": len(dataset)}
 
 
 def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path) -> None:

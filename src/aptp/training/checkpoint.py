@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..utils import APTPError, atomic_folder
+from ..utils import APTPError, atomic_folder, flat_differences
 
 STATE_FILE = "state.json"
 
@@ -90,18 +91,31 @@ def resume_checkpoint(folder: str | os.PathLike, modules: dict[str, torch.nn.Mod
     return None
 
 
-def check_same_settings(found: Path, state: dict, config: dict, free: tuple[str, ...] = ()) -> None:
-    """Refuse to resume a checkpoint written with other settings (``free`` keys may differ): the run
-    would mix two configs."""
-    saved = json.loads(json.dumps(state.get("config", {})))
-    current = json.loads(json.dumps(config))
-    different = sorted(k for k in set(saved) | set(current) if k not in free and saved.get(k) != current.get(k))
+class OtherRunError(APTPError):
+    """An output folder holds a run made with other settings or inputs."""
+
+
+OVERWRITE_HINT = "use another output folder, or start over with --overwrite (overwrite=True in Python)"
+
+
+def check_same_settings(found: Path, state: dict, config: dict, free: tuple[str, ...] = (),
+                        identity: dict | None = None) -> None:
+    """Refuse to resume a checkpoint written with other settings (``free`` keys may differ) or, when
+    ``identity`` is given, from another base model or dataset: the run would mix two runs."""
+    def plain(value):
+        return json.loads(json.dumps(value))
+
+    different = [k for k in flat_differences(plain(state.get("config", {})), plain(config))
+                 if k.split(".")[0] not in free]
+    if identity is not None:
+        different += flat_differences(plain(state.get("identity", {})), plain(identity))
     if different:
-        raise APTPError(f"{found} holds a run with other settings (differs in {different}); "
-                        "use another output folder, or delete it to start over")
+        raise OtherRunError(f"{found} holds a run with other settings or inputs (differs in {', '.join(different)}); "
+                        + OVERWRITE_HINT)
 
 
-def refuse_other_settings(folder: str | os.PathLike, config: dict, free: tuple[str, ...] = ()) -> None:
+def refuse_other_settings(folder: str | os.PathLike, config: dict, free: tuple[str, ...] = (),
+                          identity: dict | None = None) -> None:
     """Before a run writes anything: stop if the checkpoint at ``folder`` was made with other settings."""
     folder = Path(folder)
     for candidate in (folder, folder.with_name(folder.name + ".old")):
@@ -109,5 +123,15 @@ def refuse_other_settings(folder: str | os.PathLike, config: dict, free: tuple[s
             state = json.loads((candidate / STATE_FILE).read_text())["state"]
         except (OSError, ValueError, KeyError, TypeError):
             continue  # none, or damaged: resume_checkpoint reports it
-        check_same_settings(candidate, state, config, free)
+        check_same_settings(candidate, state, config, free, identity)
         return
+
+
+def remove_outputs(*paths: str | os.PathLike) -> None:
+    """``--overwrite``: delete a run's outputs (with the ``.old``/``.tmp`` siblings of an interrupted swap)."""
+    for path in map(Path, paths):
+        for candidate in (path, path.with_name(path.name + ".old"), path.with_name(path.name + ".tmp")):
+            if candidate.is_dir() and not candidate.is_symlink():
+                shutil.rmtree(candidate)
+            elif candidate.exists() or candidate.is_symlink():
+                candidate.unlink()

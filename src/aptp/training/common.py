@@ -42,9 +42,20 @@ def make_datasets(data: str, train_size: int, val_size: int, resolution: int, se
     return CaptionedImages(train, resolution), CaptionedImages(val, resolution)
 
 
+def batch_positions(step: int, batch: int, rank: int, world: int) -> torch.Tensor:
+    """Positions in the run's sample stream of this process's share of global batch ``step`` (``batch``
+    per process): the processes together cover the same positions as one process with ``batch * world``."""
+    return torch.arange(step * batch * world, (step + 1) * batch * world)[rank::world]
+
+
+def sample_seeds(seed: int, positions: torch.Tensor) -> torch.Tensor:
+    """One noise seed per sample of the stream, so what a sample draws does not depend on the processes."""
+    return seed * 1_000_003 + 7 + positions
+
+
 def batch_index(step: int, batch: int, size: int, seed: int, rank: int, world: int) -> torch.Tensor:
     """This process's share of global batch ``step``; a new permutation of the data every epoch."""
-    positions = torch.arange(step * batch * world, (step + 1) * batch * world)[rank::world]
+    positions = batch_positions(step, batch, rank, world)
     epochs = positions.div(size, rounding_mode="floor")
     index = torch.empty_like(positions)
     for epoch in epochs.unique().tolist():
@@ -79,16 +90,23 @@ def snr_weights(scheduler, timesteps, gamma: float | None) -> torch.Tensor | Non
     return weight + 1 if scheduler.config.prediction_type == "v_prediction" else weight
 
 
-def noised_batch(cache: dict, rows: torch.Tensor, scheduler, scaling: float, generator: torch.Generator,
+def noised_batch(cache: dict, rows: torch.Tensor, scheduler, scaling: float, seeds: torch.Tensor,
                  device) -> dict[str, torch.Tensor]:
     """Rows ``rows`` of an encoded dataset (:func:`~aptp.training.cache.encode_dataset`), noised at random
     training timesteps: ``latents`` (a sample of each posterior), ``text``, ``timesteps``, ``noisy`` and the
-    model's ``target``. Every random draw comes from the CPU ``generator``, so a step is reproducible."""
+    model's ``target``. Row i draws from a CPU generator seeded with ``seeds[i]``, so a step is reproducible
+    and a sample's draws are the same however the batch is split across processes."""
     mean, std = cache["latent_mean"][rows], cache["latent_std"][rows]
-    latents = ((mean + std * torch.randn(mean.shape, generator=generator)) * scaling).to(device)
+    shape = mean.shape[1:]
+    draws = []
+    for seed in seeds.tolist():
+        generator = torch.Generator().manual_seed(int(seed))
+        draws.append((torch.randn(shape, generator=generator), torch.randn(shape, generator=generator),
+                      torch.randint(0, scheduler.config.num_train_timesteps, (), generator=generator)))
+    posterior, noise, timesteps = (torch.stack(parts) for parts in zip(*draws))
+    latents = ((mean + std * posterior) * scaling).to(device)
     text = cache["text_states"][cache["prompt_index"][rows]].float().to(device)
-    noise = torch.randn(latents.shape, generator=generator).to(device)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(rows),), generator=generator).to(device)
+    noise, timesteps = noise.to(device), timesteps.to(device)
     return {"latents": latents, "text": text, "timesteps": timesteps,
             "noisy": scheduler.add_noise(latents, noise, timesteps),
             "target": diffusion_target(scheduler, latents, noise, timesteps)}

@@ -7,6 +7,8 @@ task); checkpoints are atomic and resuming is exact.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,9 +25,18 @@ from ..imaging import comparison_grid, save_image_atomic, to_pil
 from ..pipelines.aptp import pipeline_with_unet
 from ..utils import APTPError, atomic_folder, check_output_folder, error_summary, read_json, write_json_atomic
 from .assign import CACHE_FILE, load_router, shard_file
-from .base_model import load_base_pipeline
-from .checkpoint import check_same_settings, resume_checkpoint, save_checkpoint
-from .common import BlockRecorder, batch_index, noised_batch, run_loop, task_losses, warmup_cosine_lr
+from .base_model import load_base_pipeline, model_identity
+from .checkpoint import check_same_settings, refuse_other_settings, remove_outputs, resume_checkpoint, save_checkpoint
+from .common import (
+    BlockRecorder,
+    batch_index,
+    batch_positions,
+    noised_batch,
+    run_loop,
+    sample_seeds,
+    task_losses,
+    warmup_cosine_lr,
+)
 
 
 MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
@@ -113,8 +124,9 @@ def load_assigned_cache(assign_dir: str | Path, base_model: str) -> tuple[dict, 
 
 
 def run_finetune(router_dir: str | Path, assign_dir: str | Path, expert: int, out: str | Path,
-                 config: FinetuneConfig | None = None) -> Path:
-    """Fine-tune expert ``expert`` on its shard; writes ``OUT/expert-K`` (``save_pretrained``) and returns it."""
+                 config: FinetuneConfig | None = None, overwrite: bool = False) -> Path:
+    """Fine-tune expert ``expert`` on its shard; writes ``OUT/expert-K`` (``save_pretrained``) and returns it.
+    A run with other settings, base model or shard in the way is refused unless ``overwrite``."""
     router, experts = load_router(router_dir)
     if not 0 <= expert < router.num_codes:
         raise APTPError(f"expert must be in [0, {router.num_codes}), got {expert}")
@@ -125,12 +137,13 @@ def run_finetune(router_dir: str | Path, assign_dir: str | Path, expert: int, ou
     return finetune_architecture(metadata["base_model"], UnitOptions.from_dict(metadata["unit_options"]),
                                  experts["experts"][expert]["architecture"], assign_dir, rows,
                                  expert_folder(out, expert), config,
-                                 {"expert": expert, "macs_fraction": experts["experts"][expert]["macs_fraction"]})
+                                 {"expert": expert, "macs_fraction": experts["experts"][expert]["macs_fraction"]},
+                                 overwrite)
 
 
 def finetune_architecture(base_model: str, options: UnitOptions, architecture: dict, assign_dir: str | Path,
                           rows: list[int], out: Path, config: FinetuneConfig | None = None,
-                          info: dict | None = None) -> Path:
+                          info: dict | None = None, overwrite: bool = False) -> Path:
     """Slice ``architecture`` from the base UNet and fine-tune it on ``rows`` of the encoded dataset in
     ``assign_dir``; writes the model to ``out`` (``save_pretrained``, atomically) and returns it."""
     config = config or FinetuneConfig()
@@ -138,6 +151,15 @@ def finetune_architecture(base_model: str, options: UnitOptions, architecture: d
     cache, prompts = load_assigned_cache(assign_dir, base_model)  # bad input fails before the model loads
     if max(rows, default=0) >= len(cache["latent_mean"]):
         raise APTPError(f"the routed rows do not match the encoded dataset in {assign_dir}; run `aptp assign` again")
+    checkpoint = out.with_name(out.name + "-checkpoint")
+    # At a constant learning rate, more steps extend a run exactly; every other change mixes two runs.
+    free = ("steps",) if config.lr_schedule == "constant" else ()
+    shard = hashlib.sha256(json.dumps([[r, prompts[int(cache["prompt_index"][r])]] for r in rows]).encode())
+    identity = {"base_model": model_identity(base_model), "shard": {"rows": len(rows), "hash": shard.hexdigest()[:16]},
+                "architecture": hashlib.sha256(json.dumps(architecture, sort_keys=True).encode()).hexdigest()[:16]}
+    if overwrite:
+        remove_outputs(checkpoint, out)
+    refuse_other_settings(checkpoint, asdict(config), free, identity)
     rows = torch.tensor(rows, dtype=torch.long)
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     set_seed(config.seed)
@@ -151,22 +173,19 @@ def finetune_architecture(base_model: str, options: UnitOptions, architecture: d
     family = family_of(teacher)
     teacher_blocks = BlockRecorder(family.feature_modules(teacher))
     student_blocks = BlockRecorder(family.feature_modules(accelerator.unwrap_model(student)))
-    checkpoint = out.with_name(out.name + "-checkpoint")
     start = 0
     if resumed := resume_checkpoint(checkpoint, {"expert": accelerator.unwrap_model(student)}, optimizer):
         found, saved = resumed
-        # At a constant learning rate, more steps extend a run exactly; every other change mixes two runs.
-        free = ("steps",) if config.lr_schedule == "constant" else ()
-        check_same_settings(found, saved, asdict(config), free)
+        check_same_settings(found, saved, asdict(config), free, identity)
         start = saved["step"]
     scaling = pipeline.vae.config.scaling_factor
     device = accelerator.device
 
     def step_fn(step: int) -> float:
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 131 + accelerator.process_index)
-        picked = rows[batch_index(step, config.batch_size, len(rows), config.seed, accelerator.process_index,
-                                  accelerator.num_processes)]
-        batch = noised_batch(cache, picked, scheduler, scaling, generator, device)
+        rank, world = accelerator.process_index, accelerator.num_processes
+        picked = rows[batch_index(step, config.batch_size, len(rows), config.seed, rank, world)]
+        seeds = sample_seeds(config.seed, batch_positions(step, config.batch_size, rank, world))
+        batch = noised_batch(cache, picked, scheduler, scaling, seeds, device)
         with torch.no_grad():
             dense = teacher(batch["noisy"], batch["timesteps"], batch["text"]).sample
         predicted = student(batch["noisy"], batch["timesteps"], batch["text"]).sample
@@ -186,7 +205,7 @@ def finetune_architecture(base_model: str, options: UnitOptions, architecture: d
     def save(step: int) -> None:
         if accelerator.is_main_process:
             save_checkpoint(checkpoint, {"expert": accelerator.unwrap_model(student)},
-                            {"step": step, "config": asdict(config)}, optimizer)
+                            {"step": step, "config": asdict(config), "identity": identity}, optimizer)
         accelerator.wait_for_everyone()
 
     def validate(step: int) -> None:

@@ -46,16 +46,24 @@ from ..routing.encoder import DEFAULT_PROMPT_ENCODER, PromptEncoder
 from ..routing.router import width_floors
 from ..units import UnitLayout, uniform_width_architecture
 from ..utils import APTPError, atomic_folder, write_json_atomic
-from .base_model import load_base_pipeline
+from .base_model import load_base_pipeline, model_identity
 from .cache import data_source, encode_dataset, save_tensors_atomic
-from .checkpoint import check_same_settings, refuse_other_settings, resume_checkpoint, save_checkpoint
+from .checkpoint import (
+    check_same_settings,
+    refuse_other_settings,
+    remove_outputs,
+    resume_checkpoint,
+    save_checkpoint,
+)
 from .common import (
     WORLD,
     BlockRecorder,
     batch_index,
+    batch_positions,
     make_datasets,
     noised_batch,
     run_loop,
+    sample_seeds,
     snr_weights,
     task_losses,
 )
@@ -211,6 +219,7 @@ class PruneState:
     resolution: int
     text_length: int
     difficulty: torch.Tensor | None  # (N,) per training row, or None when experts are not sized by it
+    identity: dict  # the base model and data the run depends on (see ``prepare``)
 
 
 def prepare(config: PruneConfig) -> PruneState:
@@ -236,19 +245,25 @@ def prepare(config: PruneConfig) -> PruneState:
     encoder = PromptEncoder(config.prompt_encoder, accelerator.device)
     out = Path(config.output_dir)
     train_set, val_set = make_datasets(config.data, config.train_size, config.val_size, resolution, config.seed)
+    # What the result depends on besides the config: checked against the checkpoint before any cache or log
+    # of this run is touched, saved in every checkpoint, and the key of every cache.
+    identity = {"base_model": model_identity(config.model), "train": train_set.identity(),
+                "val": val_set.identity()}
+    refuse_other_settings(out / "checkpoint", asdict(config), identity=identity)
 
     def text_states(prompts):
         return pipeline.encode_prompt(prompts, accelerator.device, 1, False)[0]
 
-    def source(split: str, size: int) -> dict:
-        return data_source(config.model, config.data, resolution, config.seed, config.prompt_encoder, split, size)
+    def source(split: str, dataset) -> dict:
+        return data_source(config.model, identity["base_model"], config.data, dataset, resolution, config.seed,
+                           config.prompt_encoder, split)
 
     with accelerator.main_process_first():
         train = encode_dataset(train_set, pipeline.vae, text_states, out / "cache" / "train.safetensors",
-                               encoder.encode, source=source("train", config.train_size))
+                               encoder.encode, source=source("train", train_set))
         # The validation records of a dataset follow its training records: their source names both sizes.
         val = encode_dataset(val_set, pipeline.vae, text_states, out / "cache" / "val.safetensors", encoder.encode,
-                             source=source(f"val after {config.train_size}", config.val_size))
+                             source=source(f"val after {config.train_size}", val_set))
     router = PromptRouter(
         units=macs_model.layout.to_dict(), num_codes=config.num_codes, prompt_dim=encoder.dim,
         arch_dim=config.arch_dim, hidden_dim=config.hidden_dim, hyper_hidden_dim=config.hyper_hidden_dim,
@@ -274,10 +289,10 @@ def prepare(config: PruneConfig) -> PruneState:
         with accelerator.main_process_first():
             difficulty = prompt_difficulty(unet, controller, macs_model.layout.gates_from_architecture(reference),
                                            train, scheduler, pipeline.vae.config.scaling_factor, config,
-                                           out / "cache" / "difficulty.safetensors", accelerator.device)
+                                           out / "cache" / "difficulty.safetensors", accelerator.device, identity)
     return PruneState(accelerator, pipeline, unet, controller, macs_model, router, optimizer, scheduler,
                       BlockRecorder(family.feature_modules(unet)), train, val, latent_size, resolution, text_length,
-                      difficulty)
+                      difficulty, identity)
 
 
 def within_unit_zscores(layout: UnitLayout, values: torch.Tensor) -> torch.Tensor:
@@ -293,20 +308,20 @@ def within_unit_zscores(layout: UnitLayout, values: torch.Tensor) -> torch.Tenso
 
 @torch.no_grad()
 def prompt_difficulty(unet, controller, gates: torch.Tensor, cache: dict, scheduler, scaling: float,
-                      config: PruneConfig, cache_file: Path, device) -> torch.Tensor:
+                      config: PruneConfig, cache_file: Path, device, identity: dict) -> torch.Tensor:
     """For the first ``difficulty_rows`` training rows, how far a fixed pruned model (``gates``) is from
     the dense teacher: the (min-SNR weighted) output MSE at one random timestep. Computed once and cached."""
     rows = min(config.difficulty_rows, len(cache["prompt_index"]))
     key = {"rows": rows, "budget": config.budget, "seed": config.seed, "min_snr_gamma": config.min_snr_gamma,
-           "depth": config.depth, "ff_chunks": config.ff_chunks}
+           "depth": config.depth, "ff_chunks": config.ff_chunks, "identity": identity}
+    key = json.loads(json.dumps(key))
     key_file = cache_file.with_suffix(".json")  # written last: a cache without it is incomplete
     if cache_file.is_file() and key_file.is_file() and json.loads(key_file.read_text()) == key:
         return load_file(cache_file)["difficulty"]
-    generator = torch.Generator().manual_seed(config.seed * 7919 + 17)
     difficulty = torch.zeros(rows)
     for start in tqdm(range(0, rows, config.batch_size), desc="prompt difficulty", unit="batch", leave=False):
         index = torch.arange(start, min(rows, start + config.batch_size))
-        batch = noised_batch(cache, index, scheduler, scaling, generator, device)
+        batch = noised_batch(cache, index, scheduler, scaling, sample_seeds(config.seed * 7919 + 17, index), device)
         with controller.use(None):
             teacher = unet(batch["noisy"], batch["timesteps"], batch["text"]).sample.float()
         with controller.use(gates.to(device)[None]):
@@ -330,16 +345,26 @@ def code_difficulty(router: PromptRouter, train: dict, difficulty: torch.Tensor)
     return mean, counts / counts.sum()
 
 
+def _global_pairs(accelerator, arch: torch.Tensor, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The architecture and prompt embeddings of the global batch, so the contrastive term compares every
+    pair as one process would. The gather keeps the gradient: its backward sums what every process's
+    (identical) loss sends to this process's rows, and the gradient average of DDP divides by the processes."""
+    if accelerator.num_processes == 1:
+        return arch, prompts
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(arch.contiguous())), accelerator.gather(prompts.contiguous())
+
+
 def prune_step(config: PruneConfig, state: PruneState, step: int) -> dict[str, float]:
     """One optimisation step of the router; returns the loss terms."""
     accelerator, router, unet = state.accelerator, state.accelerator.unwrap_model(state.router), state.unet
     device = accelerator.device
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 131 + accelerator.process_index)
     size = len(state.train["prompt_index"])
-    index = batch_index(step, config.batch_size, size, config.seed, accelerator.process_index,
-                         accelerator.num_processes)
-    batch = noised_batch(state.train, index, state.scheduler, state.pipeline.vae.config.scaling_factor, generator,
-                         device)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    index = batch_index(step, config.batch_size, size, config.seed, rank, world)
+    seeds = sample_seeds(config.seed, batch_positions(step, config.batch_size, rank, world))
+    batch = noised_batch(state.train, index, state.scheduler, state.pipeline.vae.config.scaling_factor, seeds, device)
     noisy, timesteps, text = batch["noisy"], batch["timesteps"], batch["text"]
     prompt_embeddings = state.train["prompt_embeddings"][state.train["prompt_index"][index]].to(device)
 
@@ -382,7 +407,8 @@ def prune_step(config: PruneConfig, state: PruneState, step: int) -> dict[str, f
         resource = resource_loss(fraction, config.budget)
     if config.lambda_spread and not warming_up:
         spread = spread_loss(code_fractions, config.max_code_fraction)
-    contrastive = contrastive_loss(arch, prompt_embeddings, config.contrastive_temperature)
+    contrastive = contrastive_loss(*_global_pairs(accelerator, arch, prompt_embeddings),
+                                   config.contrastive_temperature)
     assign = assignment_loss(scores, balanced, config.score_temperature)
     total = (config.lambda_ddpm * ddpm + config.lambda_distill * distill + config.lambda_blocks * blocks
              + config.lambda_resource * resource + config.lambda_code_size * size + config.lambda_spread * spread
@@ -483,27 +509,36 @@ def format_summary(summary: dict, state: PruneState, config: PruneConfig) -> str
     return "\n".join(lines)
 
 
-def run_prune(config: PruneConfig) -> dict:
-    """Train the router; writes ``OUTPUT/router`` and returns the expert summary."""
+# What ``run_prune`` writes into its output folder (``prune/`` holds the TensorBoard logs).
+PRUNE_OUTPUTS = ("checkpoint", "router", "cache", "prune", "validation")
+
+
+def run_prune(config: PruneConfig, overwrite: bool = False) -> dict:
+    """Train the router; writes ``OUTPUT/router`` and returns the expert summary. A folder holding a run with
+    other settings, base model or data is refused unless ``overwrite`` (which deletes that run first)."""
     out = Path(config.output_dir)
     checkpoint = out / "checkpoint"
-    refuse_other_settings(checkpoint, asdict(config))  # before the caches or logs of this run are touched
+    if overwrite:
+        remove_outputs(*(out / name for name in PRUNE_OUTPUTS))
     state = prepare(config)
     accelerator = state.accelerator
     # TensorBoard's hyperparameters are scalars: nested options are logged as JSON text.
     accelerator.init_trackers("prune", config={k: json.dumps(v) if isinstance(v, (dict, list)) else v
                                                for k, v in asdict(config).items() if v is not None})
+    if accelerator.num_processes > 1:
+        accelerator.print(f"{accelerator.num_processes} processes, global batch "
+                          f"{config.batch_size * accelerator.num_processes} ({config.batch_size} per process)")
     start = 0
     if resumed := resume_checkpoint(checkpoint, {"router": accelerator.unwrap_model(state.router)}, state.optimizer):
         found, saved = resumed
-        check_same_settings(found, saved, asdict(config))
+        check_same_settings(found, saved, asdict(config), identity=state.identity)
         start = saved["step"]
         accelerator.print(f"resuming from step {start}")
 
     def save(step: int) -> None:
         if accelerator.is_main_process:
             save_checkpoint(checkpoint, {"router": accelerator.unwrap_model(state.router)},
-                            {"step": step, "config": asdict(config)}, state.optimizer)
+                            {"step": step, "config": asdict(config), "identity": state.identity}, state.optimizer)
         accelerator.wait_for_everyone()
 
     def after_step(step: int, logs: dict) -> None:
