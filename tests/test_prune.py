@@ -28,6 +28,7 @@ from aptp.world import export_imagefolder
     ({"min_width": {"blocks": 0.5}}, "unknown width kind"),
     ({"min_width": {"heads": 2}}, "must be in"),
     ({"difficulty_exponent": -1}, "difficulty_exponent"),
+    ({"difficulty_weighting": "snr"}, "difficulty_weighting must be one of plain, min_snr"),
     ({"max_code_fraction": 0}, "max_code_fraction"),
     ({"arch_dim": 0}, "arch_dim must be >= 1"),
     ({"checkpoint_every": 0, "log_every": 0}, "checkpoint_every, log_every must be >= 1"),

@@ -69,6 +69,9 @@ from .common import (
 )
 
 
+DIFFICULTY_WEIGHTINGS = ("plain", "min_snr")
+
+
 @dataclass
 class PruneConfig:
     # What is pruned, on what data.
@@ -116,6 +119,9 @@ class PruneConfig:
     # Experts sized by difficulty: a code's MACs target grows with the mean difficulty of its prompts
     # (their distance to the teacher under a fixed uniform pruning at the budget) to this power; 0: off.
     difficulty_exponent: float = 3.0
+    # How the distance is averaged over timesteps: "plain" (the noise-prediction MSE, where low-noise steps,
+    # which carry fine detail such as glyphs, weigh most) or "min_snr" (weighted as the losses are).
+    difficulty_weighting: str = "plain"
     lambda_code_size: float = 1.0
     difficulty_rows: int = 512  # training rows whose difficulty is measured (once, before training)
     max_code_fraction: float = 0.95  # no code's target exceeds this fraction of dense MACs
@@ -158,6 +164,9 @@ class PruneConfig:
         if self.warmup_steps >= self.steps:
             raise APTPError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
         UnitOptions(ff_chunks=self.ff_chunks, depth=self.depth)
+        if self.difficulty_weighting not in DIFFICULTY_WEIGHTINGS:
+            raise APTPError(f"difficulty_weighting must be one of {', '.join(DIFFICULTY_WEIGHTINGS)}, "
+                            f"got {self.difficulty_weighting!r}")
         if self.difficulty_exponent < 0 or not 0 < self.max_code_fraction <= 1 or self.difficulty_rows < 1:
             raise APTPError("difficulty_exponent must be >= 0, max_code_fraction in (0, 1] and difficulty_rows >= 1")
         try:
@@ -310,9 +319,11 @@ def within_unit_zscores(layout: UnitLayout, values: torch.Tensor) -> torch.Tenso
 def prompt_difficulty(unet, controller, gates: torch.Tensor, cache: dict, scheduler, scaling: float,
                       config: PruneConfig, cache_file: Path, device, identity: dict) -> torch.Tensor:
     """For the first ``difficulty_rows`` training rows, how far a fixed pruned model (``gates``) is from
-    the dense teacher: the (min-SNR weighted) output MSE at one random timestep. Computed once and cached."""
+    the dense teacher: the output MSE at one random timestep (min-SNR weighted if ``difficulty_weighting``
+    says so). Computed once and cached."""
     rows = min(config.difficulty_rows, len(cache["prompt_index"]))
-    key = {"rows": rows, "budget": config.budget, "seed": config.seed, "min_snr_gamma": config.min_snr_gamma,
+    gamma = config.min_snr_gamma if config.difficulty_weighting == "min_snr" else None
+    key = {"rows": rows, "budget": config.budget, "seed": config.seed, "min_snr_gamma": gamma,
            "depth": config.depth, "ff_chunks": config.ff_chunks, "identity": identity}
     key = json.loads(json.dumps(key))
     key_file = cache_file.with_suffix(".json")  # written last: a cache without it is incomplete
@@ -327,7 +338,7 @@ def prompt_difficulty(unet, controller, gates: torch.Tensor, cache: dict, schedu
         with controller.use(gates.to(device)[None]):
             pruned = unet(batch["noisy"], batch["timesteps"], batch["text"]).sample.float()
         error = (pruned - teacher).pow(2).flatten(1).mean(1)
-        weights = snr_weights(scheduler, batch["timesteps"], config.min_snr_gamma)
+        weights = snr_weights(scheduler, batch["timesteps"], gamma)
         difficulty[index] = (error * weights if weights is not None else error).cpu()
     save_tensors_atomic({"difficulty": difficulty}, cache_file)
     write_json_atomic(key_file, key)
