@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import add_overwrite_argument, fraction, non_negative_float, non_negative_int, positive_int
+from .config import DEFAULT_MAX_BATCH_SIZE, add_overwrite_argument, fraction, non_negative_float, non_negative_int, positive_int
 from .teacher.cli import add_teacher_parser
 from .utils import APTPError, check_output_folder, error_summary
 from .world.cli import add_world_parser
@@ -392,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--pipeline", required=True, help="folder written by `aptp export`")
     memory.add_argument("--counts", type=positive_int, nargs="+", default=[64, 1000])
     memory.add_argument("--steps", type=positive_int, default=2)
-    memory.add_argument("--max-batch-size", type=positive_int, default=32)
+    memory.add_argument("--max-batch-size", type=positive_int, default=DEFAULT_MAX_BATCH_SIZE,
+                        help=f"APTPPipeline max_batch_size (default {DEFAULT_MAX_BATCH_SIZE}, the pipeline's)")
     memory.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (default: torch's choice)")
     memory.set_defaults(func=cmd_bench_memory)
 

@@ -12,6 +12,8 @@ import multiprocessing
 import resource
 import sys
 
+from ..config import DEFAULT_MAX_BATCH_SIZE
+
 TARGET = 1.15  # peak(largest count) <= TARGET x peak(smallest count)
 
 
@@ -47,7 +49,7 @@ def _measure(pipeline_dir: str, count: int, steps: int, max_batch_size: int, thr
 
 
 def run_memory_benchmark(pipeline_dir: str, counts: tuple[int, ...] = (64, 1000), steps: int = 2,
-                         max_batch_size: int = 32, threads: int = 0) -> list[dict]:
+                         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, threads: int = 0) -> list[dict]:
     """One row per prompt count: peak RSS after loading and after generating, each in its own process."""
     from ..utils import APTPError
 

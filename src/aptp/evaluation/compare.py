@@ -46,6 +46,8 @@ class EvalConfig:
         for name in ("per_category", "steps", "batch_size", "latency_batch", "latency_repeats"):
             if int(getattr(self, name)) < 1:
                 raise APTPError(f"evaluation {name} must be >= 1, got {getattr(self, name)}")
+        if not float(self.guidance_scale) >= 0 or self.guidance_scale == float("inf"):
+            raise APTPError(f"evaluation guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "EvalConfig":

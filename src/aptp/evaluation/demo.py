@@ -278,6 +278,7 @@ def demo_config(output_dir: str | None = None, overrides: dict | None = None) ->
     if unknown:
         raise APTPError(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}")
     load_prune_config(None, _prune_overrides(config))
+    model_identity(config.model)  # a missing model folder fails before any stage is recorded
     _finetune_config(config)
     EvalConfig.from_dict(config.evaluation)
     return config

@@ -21,6 +21,7 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils import logging as diffusers_logging
 
+from ..config import DEFAULT_MAX_BATCH_SIZE
 from ..experts import APTPExpertBank
 from ..imaging import to_pil
 from ..routing import PromptRouter
@@ -135,7 +136,7 @@ class APTPPipeline(DiffusionPipeline):
                  num_inference_steps: int = 25, guidance_scale: float = 4.0,
                  generator: torch.Generator | list[torch.Generator] | None = None, height: int | None = None,
                  width: int | None = None, output_type: str = "pil",
-                 max_batch_size: int = 32) -> APTPPipelineOutput:
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> APTPPipelineOutput:
         """Generate one image per prompt. Pass one generator per prompt for results that do not depend
         on which other prompts share the call. Each expert denoises its prompts in batches of at most
         ``max_batch_size``, so memory does not grow with the number of prompts."""

@@ -18,6 +18,8 @@ from ..data import CaptionedImages, WorldImages, load_cc3m, load_coco, load_imag
 from ..utils import APTPError
 from .base_model import WORLD
 
+MIXED_PRECISION = ("no", "fp16", "bf16")  # what Accelerate runs for any model
+
 
 def make_datasets(data: str, train_size: int, val_size: int, resolution: int, seed: int = 0):
     """Train and validation datasets of a data source: ``world``, an imagefolder, ``coco:ROOT[:SPLIT]``

@@ -28,6 +28,7 @@ from .assign import CACHE_FILE, load_router, shard_file
 from .base_model import load_base_pipeline, model_identity
 from .checkpoint import check_same_settings, refuse_other_settings, remove_outputs, resume_checkpoint, save_checkpoint
 from .common import (
+    MIXED_PRECISION,
     BlockRecorder,
     batch_index,
     batch_positions,
@@ -37,9 +38,6 @@ from .common import (
     task_losses,
     warmup_cosine_lr,
 )
-
-
-MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
 
 
 @dataclass

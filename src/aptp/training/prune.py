@@ -56,6 +56,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .common import (
+    MIXED_PRECISION,
     WORLD,
     BlockRecorder,
     batch_index,
@@ -159,8 +160,9 @@ class PruneConfig:
             raise APTPError(f"{', '.join(not_positive)} must be > 0")
         if self.weight_decay < 0 or self.validate_every < 0:
             raise APTPError("weight_decay and validate_every must be >= 0")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise APTPError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise APTPError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, "
+                            f"got {self.mixed_precision!r}")
         if self.warmup_steps >= self.steps:
             raise APTPError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
         UnitOptions(ff_chunks=self.ff_chunks, depth=self.depth)
