@@ -66,6 +66,31 @@ def test_save_load_generates_identical_images(aptp_pipeline, tmp_path):
     assert torch.equal(_generate(loaded, PROMPTS, range(6)).images, _generate(aptp_pipeline, PROMPTS, range(6)).images)
 
 
+def test_stock_diffusers_loads_the_pipeline_and_a_pipeline_with_an_expert(aptp_pipeline, tmp_path):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    aptp_pipeline.save_pretrained(tmp_path / "aptp")
+    # diffusers runs the folder's module file (it imports APTPPipeline from aptp) only when trusted.
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        DiffusionPipeline.from_pretrained(tmp_path / "aptp")
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "aptp", trust_remote_code=True)
+    assert type(loaded) is APTPPipeline
+    assert torch.equal(_generate(loaded, PROMPTS, range(6)).images, _generate(aptp_pipeline, PROMPTS, range(6)).images)
+    # aptp never runs a module file other than the one it writes.
+    (tmp_path / "aptp" / "aptp_pipeline.py").write_text("import os\n")
+    with pytest.raises(APTPError, match="refusing to run it"):
+        APTPPipeline.from_pretrained(tmp_path / "aptp")
+
+    # A Stable Diffusion pipeline whose UNet is an expert saves and reloads with stock diffusers.
+    single = aptp_pipeline.expert_pipeline(1)
+    single.save_pretrained(tmp_path / "sd-expert")
+    reloaded = StableDiffusionPipeline.from_pretrained(tmp_path / "sd-expert")
+    assert type(reloaded.unet) is fam.APTPUNet2DConditionModel
+    assert reloaded.unet.config.aptp_widths == aptp_pipeline.experts[1].config.aptp_widths
+    for a, b in zip(reloaded.unet.parameters(), aptp_pipeline.experts[1].parameters()):
+        assert torch.equal(a, b)
+
+
 def test_bad_calls_are_clear_errors(aptp_pipeline):
     with pytest.raises(APTPError, match="non-empty"):
         aptp_pipeline(["a red circle", "  "])

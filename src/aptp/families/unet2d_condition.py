@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
-from diffusers import UNet2DConditionModel
+# ModelMixin is looked up by name in this module when a diffusers pipeline folder names
+# APTPUNet2DConditionModel as a component (e.g. a StableDiffusionPipeline saved with an expert as its UNet).
+from diffusers import ModelMixin, UNet2DConditionModel  # noqa: F401
 from diffusers.models.activations import GEGLU, GELU, ApproximateGELU, LinearActivation, SwiGLU
 from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention, AttnProcessor

@@ -26,7 +26,7 @@ from ..experts import APTPExpertBank
 from ..imaging import to_pil
 from ..routing import PromptRouter
 from ..routing.encoder import PromptEncoder
-from ..utils import APTPError, error_summary, read_json
+from ..utils import APTPError, error_summary, read_json, write_json_atomic
 
 logger = diffusers_logging.get_logger(__name__)
 
@@ -66,6 +66,12 @@ class APTPPipelineOutput(BaseOutput):
 
 
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler", "router", "experts")
+# diffusers finds a pipeline class outside its own package through a module file in the folder, named in
+# ``_class_name``; this one only imports the installed aptp package.
+CODE_FILE = "aptp_pipeline.py"
+CODE = ('"""Lets `diffusers.DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` load this folder:\n'
+        'the pipeline class is the one of the installed aptp package."""\n\n'
+        "from aptp.pipelines.aptp import APTPPipeline  # noqa: F401\n")
 
 
 def check_pipeline_folder(folder: str | os.PathLike) -> Path:
@@ -79,9 +85,17 @@ def check_pipeline_folder(folder: str | os.PathLike) -> Path:
         raise APTPError(f"{folder} is not an APTPPipeline folder (no model_index.json); see `aptp export`")
     index = read_json(index_file)
     kind = index.get("_class_name") if isinstance(index, dict) else None
-    if kind != APTPPipeline.__name__:
+    if kind not in (APTPPipeline.__name__, [Path(CODE_FILE).stem, APTPPipeline.__name__]):
         raise APTPError(f"{folder} is not an APTPPipeline folder (it holds a {kind or 'damaged model index'}); "
                         "see `aptp export`")
+    if isinstance(kind, list):
+        try:
+            code = (folder / CODE_FILE).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            code = None
+        if code != CODE:  # diffusers would execute this file: only the one aptp writes is run
+            raise APTPError(f"{folder / CODE_FILE} is missing or not the file `aptp export` writes; refusing to run "
+                            "it (export the pipeline again)")
     missing = [name for name in COMPONENTS if name not in index or not (folder / name).is_dir()]
     if missing:
         raise APTPError(f"{folder} is an incomplete APTPPipeline folder (no {', '.join(missing)} folder)")
@@ -107,7 +121,8 @@ class APTPPipeline(DiffusionPipeline):
         of folder raises :class:`APTPError` with one line naming it."""
         source = str(pretrained_model_name_or_path)
         if not _is_hub_id(source):
-            check_pipeline_folder(source)
+            # A checked folder's code file is the fixed import of this class, so diffusers may run it.
+            kwargs.setdefault("trust_remote_code", (check_pipeline_folder(source) / CODE_FILE).is_file())
         try:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except APTPError:
@@ -115,6 +130,16 @@ class APTPPipeline(DiffusionPipeline):
         except Exception as error:  # a damaged config or weights file, or a hub id that cannot be reached
             raise APTPError(f"cannot load the APTPPipeline {source} ({type(error).__name__}: "
                             f"{error_summary(error)})") from None
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """diffusers' ``save_pretrained``, plus the module file that lets ``DiffusionPipeline.from_pretrained``
+        find this class (``_class_name`` names it)."""
+        super().save_pretrained(save_directory, **kwargs)
+        folder = Path(save_directory)
+        (folder / CODE_FILE).write_text(CODE, encoding="utf-8")
+        index = read_json(folder / "model_index.json")
+        index["_class_name"] = [Path(CODE_FILE).stem, type(self).__name__]
+        write_json_atomic(folder / "model_index.json", index)
 
     @property
     def prompt_encoder(self) -> PromptEncoder:
