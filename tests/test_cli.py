@@ -71,3 +71,18 @@ def test_inspect_bad_folders_give_one_line_errors(tmp_path, capsys, content, mes
 def test_inspect_rejects_resolution_off_the_latent_grid(capsys):
     code, _, err = run(capsys, "inspect", "sd15", "--resolution", "500")
     assert code == 2 and "multiple of the VAE scale factor" in err
+
+
+@pytest.mark.parametrize("command, keys", [
+    (["prune"], ["budget: float = 0.6", "difficulty_weighting: str = plain"]),
+    (["finetune"], ["lr: float = 0.0001"]),
+    (["demo"], ["prune.budget: float = 0.6", "evaluation.per_category: int = 64", "the demo's own values"]),
+    (["evaluate"], ["guidance_scale: float = 4.0"]),
+    (["teacher", "train"], ["--set keys of --stage vae", "category_weights"]),
+])
+def test_help_lists_every_config_key_and_the_output_flag(command, keys, capsys):
+    assert main([*command, "--help"]) == 0
+    printed = capsys.readouterr().out
+    assert "--output-dir" in printed and "--out" in printed
+    for key in keys:
+        assert key in printed, key

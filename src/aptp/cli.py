@@ -8,7 +8,17 @@ import os
 import sys
 from pathlib import Path
 
-from .config import DEFAULT_MAX_BATCH_SIZE, add_overwrite_argument, fraction, non_negative_float, non_negative_int, positive_int
+from .config import (
+    DEFAULT_MAX_BATCH_SIZE,
+    HelpFormatter,
+    add_output_argument,
+    add_overwrite_argument,
+    describe_keys,
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
 from .teacher.cli import add_teacher_parser
 from .utils import APTPError, check_output_folder, error_summary
 from .world.cli import add_world_parser
@@ -16,7 +26,19 @@ from .world.cli import add_world_parser
 
 class Parser(argparse.ArgumentParser):
     """Usage mistakes (a missing argument, a value of the wrong type) are one line of error and exit
-    code 2, like every other bad input; ``--help`` shows the usage."""
+    code 2, like every other bad input; ``--help`` shows the usage, every flag's default and, for commands
+    with ``--set``, every config key with its type and default (``keys``: a function, called only for help,
+    since the config classes import torch)."""
+
+    def __init__(self, *args, keys=None, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.keys = keys
+
+    def format_help(self) -> str:
+        if self.keys is not None:
+            self.epilog = self.keys()
+        return super().format_help()
 
     def error(self, message: str):
         self.exit(2, f"aptp: error: {message} (see `{self.prog} --help`)\n")
@@ -339,6 +361,25 @@ def cmd_evaluate(args) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def _config_class(module: str, name: str):
+    import importlib
+
+    return getattr(importlib.import_module(f"aptp.{module}"), name)
+
+
+def _demo_keys() -> str:
+    from .evaluation.demo import DemoConfig
+
+    demo = DemoConfig()
+    sections = describe_keys(("prune", _config_class("training.prune", "PruneConfig")),
+                             ("finetune", _config_class("training.finetune", "FinetuneConfig")),
+                             ("evaluation", _config_class("evaluation.compare", "EvalConfig")))
+    return (f"{sections}\n  model: str = {demo.model}\n  seed: int = {demo.seed}\n"
+            f"  baselines: list = {list(demo.baselines)}\n"
+            "the demo's own values, used unless --set overrides them: "
+            + json.dumps({section: getattr(demo, section) for section in ("prune", "finetune", "evaluation")}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -351,8 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_parser = commands.add_parser("inspect", help="prunable units, parameters and MACs of a UNet")
     inspect_parser.add_argument("model", help="built-in config (tiny, sd15, sd21), a local UNet or pipeline folder, "
                                               "or a hub id when reachable")
-    inspect_parser.add_argument("--resolution", type=positive_int, help="image size in pixels (default: the model's)")
-    inspect_parser.add_argument("--text-length", type=positive_int, help="text tokens (default: the tokenizer's, 77)")
+    inspect_parser.add_argument("--resolution", type=positive_int, help="image size in pixels (none: the model's)")
+    inspect_parser.add_argument("--text-length", type=positive_int, help="text tokens (none: the tokenizer's, 77)")
     inspect_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect_parser.set_defaults(func=cmd_inspect)
 
@@ -360,62 +401,63 @@ def build_parser() -> argparse.ArgumentParser:
     benches = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     benches.required = True
     slicing = benches.add_parser("slicing", help="latency of sliced experts vs the dense UNet")
-    slicing.add_argument("--config", default="sd21", help="built-in config (default sd21)")
-    slicing.add_argument("--latent", type=positive_int, default=64, help="latent size (default 64)")
-    slicing.add_argument("--batch", type=positive_int, default=1)
-    slicing.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    slicing.add_argument("--device", default="cpu")
+    slicing.add_argument("--config", default="sd21", help="built-in config")
+    slicing.add_argument("--latent", type=positive_int, default=64, help="latent size")
+    slicing.add_argument("--batch", type=positive_int, default=1, help="batch size")
+    slicing.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights and inputs")
+    slicing.add_argument("--device", default="cpu", help="torch device")
     slicing.add_argument("--targets", type=fraction, nargs="+", default=[0.8, 0.6, 0.4],
                          help="expert sizes as fractions of dense MACs")
-    slicing.add_argument("--repeats", type=positive_int, default=5)
-    slicing.add_argument("--warmup", type=non_negative_int, default=1)
-    slicing.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (default: torch's choice)")
+    slicing.add_argument("--repeats", type=positive_int, default=5, help="timed runs per model")
+    slicing.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs first")
+    slicing.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's choice)")
     slicing.set_defaults(func=cmd_bench_slicing)
     step = benches.add_parser("prune-step", help="pruning-phase step time vs a dense fine-tuning step")
     step.add_argument("--model", default="world", help="'world' or a Stable Diffusion pipeline folder")
-    step.add_argument("--batch", type=positive_int, default=32)
-    step.add_argument("--repeats", type=positive_int, default=10)
-    step.add_argument("--warmup", type=non_negative_int, default=2)
-    step.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (default: torch's choice)")
+    step.add_argument("--batch", type=positive_int, default=32, help="batch size")
+    step.add_argument("--repeats", type=positive_int, default=10, help="timed steps")
+    step.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first")
+    step.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's choice)")
     step.set_defaults(func=cmd_bench_prune_step)
     throughput = benches.add_parser("throughput", help="APTPPipeline vs its dense base pipeline, images/s")
     throughput.add_argument("--pipeline", required=True, help="folder written by `aptp export`")
-    throughput.add_argument("--batch", type=positive_int, default=64)
-    throughput.add_argument("--steps", type=positive_int, default=25)
-    throughput.add_argument("--repeats", type=positive_int, default=3)
-    throughput.add_argument("--warmup", type=non_negative_int, default=1)
-    throughput.add_argument("--threads", type=non_negative_int, default=0,
-                            help="torch threads (default: torch's choice)")
+    throughput.add_argument("--batch", type=positive_int, default=64, help="prompts per call")
+    throughput.add_argument("--steps", type=positive_int, default=25, help="denoising steps")
+    throughput.add_argument("--repeats", type=positive_int, default=3, help="timed calls per model")
+    throughput.add_argument("--warmup", type=non_negative_int, default=1, help="untimed calls first")
+    throughput.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's choice)")
     throughput.set_defaults(func=cmd_bench_throughput)
 
     memory = benches.add_parser("memory", help="APTPPipeline peak memory, few prompts vs many")
     memory.add_argument("--pipeline", required=True, help="folder written by `aptp export`")
-    memory.add_argument("--counts", type=positive_int, nargs="+", default=[64, 1000])
-    memory.add_argument("--steps", type=positive_int, default=2)
+    memory.add_argument("--counts", type=positive_int, nargs="+", default=[64, 1000], help="prompt counts")
+    memory.add_argument("--steps", type=positive_int, default=2, help="denoising steps")
     memory.add_argument("--max-batch-size", type=positive_int, default=DEFAULT_MAX_BATCH_SIZE,
-                        help=f"APTPPipeline max_batch_size (default {DEFAULT_MAX_BATCH_SIZE}, the pipeline's)")
-    memory.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (default: torch's choice)")
+                        help="APTPPipeline max_batch_size (the default is the pipeline's)")
+    memory.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's choice)")
     memory.set_defaults(func=cmd_bench_memory)
 
-    prune = commands.add_parser("prune", help="train the prompt router and K expert codes under a MACs budget")
-    prune.add_argument("--config", default="world",
-                       help="YAML config, or a built-in one: world (default), sd21")
+    prune = commands.add_parser("prune", help="train the prompt router and K expert codes under a MACs budget",
+                                keys=lambda: describe_keys(("", _config_class("training.prune", "PruneConfig"))))
+    prune.add_argument("--config", default="world", help="YAML config, or a built-in one: world, sd21")
     prune.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. budget=0.5")
-    prune.add_argument("--output-dir", help="output folder (overrides the config's output_dir)")
+    add_output_argument(prune, dest="output_dir", help="output folder (none: the config's output_dir)")
     add_overwrite_argument(prune)
     prune.set_defaults(func=cmd_prune)
 
     assign = commands.add_parser("assign", help="route every prompt of a dataset; write per-expert shards")
     assign.add_argument("--router", required=True, help="router folder written by `aptp prune`")
-    assign.add_argument("--out", required=True)
-    assign.add_argument("--data", help="data source (default: the router's training data)")
-    assign.add_argument("--size", type=positive_int, help="number of captioned images (default: the router's)")
+    add_output_argument(assign, required=True)
+    assign.add_argument("--data", help="data source (none: the router's training data)")
+    assign.add_argument("--size", type=positive_int, help="number of captioned images (none: the router's)")
     assign.set_defaults(func=cmd_assign)
 
-    finetune = commands.add_parser("finetune", help="fine-tune sliced experts on their own prompts")
-    finetune.add_argument("--router", required=True)
+    finetune = commands.add_parser("finetune", help="fine-tune sliced experts on their own prompts",
+                                   keys=lambda: describe_keys(("", _config_class("training.finetune",
+                                                                                 "FinetuneConfig"))))
+    finetune.add_argument("--router", required=True, help="router folder written by `aptp prune`")
     finetune.add_argument("--assign", required=True, help="folder written by `aptp assign`")
-    finetune.add_argument("--out", required=True)
+    add_output_argument(finetune, required=True, help="experts folder (expert-K inside)")
     finetune.add_argument("--expert", type=non_negative_int, help="expert index (an independent job per expert)")
     finetune.add_argument("--all", action="store_true", help="fine-tune every expert, one after another")
     finetune.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override options, e.g. steps=200")
@@ -423,55 +465,58 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.set_defaults(func=cmd_finetune)
 
     export = commands.add_parser("export", help="assemble a servable APTPPipeline folder")
-    export.add_argument("--router", required=True)
+    export.add_argument("--router", required=True, help="router folder written by `aptp prune`")
     export.add_argument("--experts", help="folder of fine-tuned experts (expert-K from `aptp finetune`)")
     export.add_argument("--allow-untrained-experts", action="store_true",
                         help="export experts without a fine-tuned folder as they are sliced from the base model")
-    export.add_argument("--out", required=True)
+    add_output_argument(export, required=True, help="pipeline folder")
     export.set_defaults(func=cmd_export)
 
     generate = commands.add_parser("generate", help="generate images with an APTPPipeline")
-    generate.add_argument("prompts", nargs="*")
+    generate.add_argument("prompts", nargs="*", help="prompts (or --prompts-file)")
     generate.add_argument("--pipeline", required=True, help="folder written by `aptp export`")
     generate.add_argument("--prompts-file", help="a text file with one prompt per line")
-    generate.add_argument("--out", required=True)
-    generate.add_argument("--steps", type=positive_int, default=25)
-    generate.add_argument("--guidance-scale", type=non_negative_float, default=4.0)
+    add_output_argument(generate, required=True, help="images folder")
+    generate.add_argument("--steps", type=positive_int, default=25, help="denoising steps")
+    generate.add_argument("--guidance-scale", type=non_negative_float, default=4.0, help="classifier-free guidance")
     generate.add_argument("--seed", type=int, default=0, help="prompt i uses seed SEED + i")
-    generate.add_argument("--batch-size", type=positive_int, default=32)
+    generate.add_argument("--batch-size", type=positive_int, default=32, help="prompts per pipeline call")
     generate.set_defaults(func=cmd_generate)
 
-    demo = commands.add_parser("demo", help="the whole method on the embedded world, with baselines and a report")
-    demo.add_argument("--output-dir", default="runs/demo")
+    demo = commands.add_parser("demo", help="the whole method on the embedded world, with baselines and a report",
+                               keys=_demo_keys)
+    add_output_argument(demo, dest="output_dir", default="runs/demo")
     demo.add_argument("--set", nargs="*", metavar="KEY=VALUE",
                       help="override options, e.g. prune.steps=100 finetune.steps=20 evaluation.per_category=16")
     add_overwrite_argument(demo)
     demo.set_defaults(func=cmd_demo)
 
-    baselines = commands.add_parser("baselines", help="static / magnitude / random baselines at the mixture's MACs")
-    baselines.add_argument("--output-dir", default="runs/demo", help="a demo folder with a finished mixture")
+    baselines = commands.add_parser("baselines", help="static / magnitude / random baselines at the mixture's MACs",
+                                    keys=_demo_keys)
+    add_output_argument(baselines, dest="output_dir", default="runs/demo", help="a demo folder with a finished mixture")
     baselines.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="same options as `aptp demo`")
     baselines.set_defaults(func=cmd_baselines)
 
     from .evaluation.ablation import VARIANTS
 
-    ablation = commands.add_parser("ablation", help="the demo with each change of the method off, over several seeds")
-    ablation.add_argument("--output-dir", default="runs/ablation")
+    ablation = commands.add_parser("ablation", help="the demo with each change of the method off, over several seeds",
+                                   keys=_demo_keys)
+    add_output_argument(ablation, dest="output_dir", default="runs/ablation")
     ablation.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                          help=f"default: all ({', '.join(VARIANTS)})")
-    ablation.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+                          help="which changes to switch off")
+    ablation.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one demo run per seed")
     ablation.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="options of every demo run, as for `aptp demo`")
     ablation.set_defaults(func=cmd_ablation)
 
     evaluate = commands.add_parser(
-        "evaluate", help="dense base vs APTPPipeline vs sliced UNets on the world test prompts, with a report")
+        "evaluate", help="dense base vs APTPPipeline vs sliced UNets on the world test prompts, with a report",
+        keys=lambda: describe_keys(("", _config_class("evaluation.compare", "EvalConfig"))))
     evaluate.add_argument("--pipeline", required=True, help="an APTPPipeline folder (`aptp export`)")
     evaluate.add_argument("--unet", nargs="*", metavar="NAME=FOLDER",
                           help="more UNet folders of the same base model, e.g. static=runs/demo/baselines/static/model")
     evaluate.add_argument("--clip", help="a local CLIPModel folder for CLIP score and CMMD (none: both are skipped)")
-    evaluate.add_argument("--out", default="runs/evaluate", help="report folder")
-    evaluate.add_argument("--set", nargs="*", metavar="KEY=VALUE",
-                          help="per_category=64 steps=25 guidance_scale=4 seed=0 batch_size=64 latency_batch=8 ...")
+    add_output_argument(evaluate, default="runs/evaluate", help="report folder")
+    evaluate.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override options, e.g. per_category=16")
     evaluate.set_defaults(func=cmd_evaluate)
 
     # Each folder owns its command group.

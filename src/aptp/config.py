@@ -6,7 +6,7 @@ import argparse
 import math
 import types
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import yaml
 
@@ -104,10 +104,43 @@ def parse_overrides(items: list[str] | None) -> dict:
 # Argument types of the command line: a bad value is one line of error, before any work starts.
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's default after its help (flags without one say what happens instead); the key lists of
+    the epilog keep their lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def describe_keys(*sections: tuple[str, type]) -> str:
+    """The ``--set`` keys of config dataclasses, one per line with type and default; a section named
+    ``prune`` lists ``prune.KEY`` (an empty name lists bare keys)."""
+    lines = ["--set keys (KEY=VALUE, values in YAML syntax):"]
+    for section, cls in sections:
+        prefix = f"{section}." if section else ""
+        for item in fields(cls):
+            if item.default is not MISSING:
+                default = item.default
+            elif item.default_factory is not MISSING:
+                default = item.default_factory()
+            else:
+                default = "(required)"
+            lines.append(f"  {prefix}{item.name}: {item.type} = {default}")
+    return "\n".join(lines)
+
+
+def add_output_argument(parser: argparse.ArgumentParser, dest: str = "out", **kwargs) -> None:
+    """``--output-dir`` on every command (``--out`` is the same flag)."""
+    kwargs.setdefault("help", "output folder")
+    parser.add_argument("--output-dir", "--out", dest=dest, **kwargs)
+
+
 def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="delete a run of other settings or inputs found in the output folder and start over "
-                             "(default: refuse it)")
+                             "(without it, such a run is refused)")
 
 
 def positive_int(text: str) -> int:

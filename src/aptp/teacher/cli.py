@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import add_overwrite_argument, config_from_dict, non_negative_float, parse_overrides, positive_int
+from ..config import add_output_argument, add_overwrite_argument, config_from_dict, describe_keys, non_negative_float, parse_overrides, positive_int
 from ..utils import APTPError, check_output_folder
 
 
@@ -81,12 +81,18 @@ def run_evaluate(args) -> int:
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher", help="teacher pipeline folder (default: the shipped teacher)")
-    parser.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default 25)")
-    parser.add_argument("--guidance-scale", type=non_negative_float, default=4.0,
-                        help="classifier-free guidance (default 4)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--teacher", help="teacher pipeline folder (none: the shipped teacher)")
+    parser.add_argument("--steps", type=positive_int, default=25, help="DDIM steps")
+    parser.add_argument("--guidance-scale", type=non_negative_float, default=4.0, help="classifier-free guidance")
+    parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed SEED + i")
+    add_output_argument(parser, required=True)
+
+
+def _train_keys() -> str:
+    from .train import UNetTrainConfig, VAETrainConfig
+
+    return (describe_keys(("", VAETrainConfig)).replace("--set keys", "--set keys of --stage vae")
+            + "\n" + describe_keys(("", UNetTrainConfig)).replace("--set keys", "--set keys of --stage unet"))
 
 
 def add_teacher_parser(subparsers) -> argparse.ArgumentParser:
@@ -94,23 +100,24 @@ def add_teacher_parser(subparsers) -> argparse.ArgumentParser:
     commands = teacher.add_subparsers(dest="teacher_command", metavar="COMMAND")
     commands.required = True
 
-    train = commands.add_parser("train", help="train the VAE, then the UNet, from scratch (resumable)")
-    train.add_argument("--stage", choices=["vae", "unet", "all"], default="all")
-    train.add_argument("--out", required=True, help="run folder (checkpoints, caches, vae/, teacher/)")
-    train.add_argument("--vae", help="trained VAE folder for --stage unet (default: OUT/vae)")
+    train = commands.add_parser("train", help="train the VAE, then the UNet, from scratch (resumable)",
+                                keys=_train_keys)
+    train.add_argument("--stage", choices=["vae", "unet", "all"], default="all", help="what to train")
+    add_output_argument(train, required=True, help="run folder (checkpoints, caches, vae/, teacher/)")
+    train.add_argument("--vae", help="trained VAE folder for --stage unet (none: OUT/vae)")
     train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override training options, e.g. steps=500")
     add_overwrite_argument(train)
     train.set_defaults(func=run_train)
 
     sample = commands.add_parser("sample", help="generate images for prompts")
-    sample.add_argument("prompts", nargs="+")
+    sample.add_argument("prompts", nargs="+", help="prompts")
     _add_sampling_arguments(sample)
     sample.set_defaults(func=run_sample)
 
     evaluate = commands.add_parser("evaluate", help="world accuracy, FID and a grid on the test prompts")
     _add_sampling_arguments(evaluate)
     evaluate.add_argument("--per-category", type=positive_int, default=128,
-                          help="test prompts per category (default 128)")
+                          help="test prompts per category")
     evaluate.add_argument("--name", default="teacher", help="label in metrics and grid")
     evaluate.set_defaults(func=run_evaluate)
     return teacher

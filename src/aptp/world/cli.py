@@ -18,7 +18,7 @@ def add_world_parser(subparsers) -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write a split as PNGs + metadata.jsonl (imagefolder layout)")
     export.add_argument("out", metavar="OUT", type=Path, help="output directory (must not exist or be empty)")
-    export.add_argument("--n", type=int, default=DEFAULT_EXPORT_N, help="number of images (default: %(default)s)")
+    export.add_argument("--n", type=int, default=DEFAULT_EXPORT_N, help="number of images")
     add_split_and_seed(export)
     export.set_defaults(func=run_export)
 
@@ -26,10 +26,10 @@ def add_world_parser(subparsers) -> argparse.ArgumentParser:
     preview.add_argument("out", metavar="OUT", type=Path, help="output PNG file")
     preview.add_argument(
         "--per-category", type=int, default=generator.PREVIEW_PER_CATEGORY,
-        help="samples per category row (default: %(default)s)",
+        help="samples per category row",
     )  # fmt: skip
     preview.add_argument(
-        "--scale", type=int, default=generator.PREVIEW_SCALE, help="upscaling of each image (default: %(default)s)"
+        "--scale", type=int, default=generator.PREVIEW_SCALE, help="upscaling of each image"
     )
     add_split_and_seed(preview)
     preview.set_defaults(func=run_preview)
@@ -38,9 +38,9 @@ def add_world_parser(subparsers) -> argparse.ArgumentParser:
 
 def add_split_and_seed(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--split", choices=generator.SPLITS, default="train", help="whose prompts to draw (default: %(default)s)"
+        "--split", choices=generator.SPLITS, default="train", help="whose prompts to draw"
     )
-    parser.add_argument("--seed", type=int, default=0, help="generator seed (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="generator seed")
 
 
 def run_export(args: argparse.Namespace) -> int:
