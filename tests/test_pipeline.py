@@ -70,6 +70,8 @@ def test_stock_diffusers_loads_the_pipeline_and_a_pipeline_with_an_expert(aptp_p
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
     aptp_pipeline.save_pretrained(tmp_path / "aptp")
+    card = (tmp_path / "aptp" / "README.md").read_text()
+    assert "MACs budget: 0.6" in card and "| 2 | " in card and "trust_remote_code=True" in card
     # diffusers runs the folder's module file (it imports APTPPipeline from aptp) only when trusted.
     with pytest.raises(ValueError, match="trust_remote_code=True"):
         DiffusionPipeline.from_pretrained(tmp_path / "aptp")

@@ -24,8 +24,10 @@ class APTPExpertBank(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, base_config: dict | None = None, expert_widths: Sequence[dict] = (),
                  expert_macs: Sequence[float] = (), dense_macs: float = 0.0, family: str = "unet2d_condition",
-                 resolution: int = 0, expert_finetune_steps: Sequence[int] = ()):
+                 resolution: int = 0, expert_finetune_steps: Sequence[int] = (),
+                 expert_shares: Sequence[float] = ()):
         # expert_finetune_steps: per expert, the fine-tuning steps it had (0: sliced as it is); () unknown.
+        # expert_shares: per expert, the share of the pruning run's validation prompts routed to it; () unknown.
         super().__init__()
         model_class = family_named(family).APTPUNet2DConditionModel
         base = family_named(family).base_config(base_config or {})

@@ -137,9 +137,51 @@ class APTPPipeline(DiffusionPipeline):
         super().save_pretrained(save_directory, **kwargs)
         folder = Path(save_directory)
         (folder / CODE_FILE).write_text(CODE, encoding="utf-8")
+        (folder / "README.md").write_text(self.model_card(), encoding="utf-8")
         index = read_json(folder / "model_index.json")
         index["_class_name"] = [Path(CODE_FILE).stem, type(self).__name__]
         write_json_atomic(folder / "model_index.json", index)
+
+    def model_card(self) -> str:
+        """A model card (Markdown): base model, budget, resolution, each expert's MACs and share, loading."""
+        metadata, bank = self.router.config.metadata, self.experts.config
+        shares = bank.expert_shares or [None] * len(self.experts)
+        steps = bank.expert_finetune_steps or [None] * len(self.experts)
+        rows = "\n".join(
+            f"| {k} | {self.experts.macs_fraction(k):.3f} | {bank.expert_macs[k] / 1e9:.3f} | "
+            f"{'-' if shares[k] is None else f'{shares[k]:.1%}'} | {'-' if steps[k] is None else steps[k]} |"
+            for k in range(len(self.experts)))
+        return f"""---
+library_name: diffusers
+tags: [aptp, pruning, text-to-image]
+---
+
+# APTP pipeline: {len(self.experts)} pruned experts of `{metadata.get('base_model')}`
+
+A prompt router sends each prompt to one of {len(self.experts)} experts pruned from the base model's UNet
+(prompt-based pruning, APTP); prompts routed to the same expert are denoised together.
+
+- base model: `{metadata.get('base_model')}`
+- MACs budget: {metadata.get('budget')} of the dense UNet ({bank.dense_macs / 1e9:.3f} GMACs per UNet call at
+  {metadata.get('resolution')} px, {metadata.get('text_length')} text tokens)
+- resolution: {metadata.get('resolution')} px; prompt encoder of the router: `{self.router.config.prompt_encoder}`
+
+| expert | MACs fraction | GMACs per UNet call | share of validation prompts | fine-tuning steps |
+|---|---|---|---|---|
+{rows}
+
+## Loading
+
+```python
+from aptp.pipelines import APTPPipeline
+pipe = APTPPipeline.from_pretrained("PATH")
+# or, with diffusers alone (the folder's aptp_pipeline.py imports the class from the aptp package):
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained("PATH", trust_remote_code=True)
+out = pipe(["a red circle on a white background"], num_inference_steps=25)
+out.images, out.experts, out.macs_fraction
+```
+"""
 
     @property
     def prompt_encoder(self) -> PromptEncoder:

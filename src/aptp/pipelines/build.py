@@ -67,6 +67,7 @@ def build_pipeline(router_dir: str | Path, experts_dir: str | Path | None = None
                         "or export anyway with --allow-untrained-experts")
     if missing:
         print(f"note: expert(s) {', '.join(map(str, missing))} not fine-tuned; sliced from the base model as they are")
-    bank.register_to_config(expert_finetune_steps=steps)
+    bank.register_to_config(expert_finetune_steps=steps,
+                            expert_shares=[float(e.get("val_share", 0.0)) for e in experts["experts"]])
     return APTPPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
                         scheduler=base.scheduler, router=router, experts=bank)
