@@ -87,6 +87,11 @@ def test_full_flow_from_the_cli(tmp_path, capsys):
     assert len(record["images"]) == 3 and all((tmp_path / "images" / r["file_name"]).is_file() for r in record["images"])
     assert [r["prompt"] for r in record["images"]][0] == "HI"
     assert [r["truncated"] for r in record["images"]] == [False, False, True]
+    # --dtype: the same routing in bfloat16 (the router runs in the pipeline's dtype too).
+    assert main(["generate", "--pipeline", str(tmp_path / "pipeline"), "--prompts-file", str(tmp_path / "prompts.txt"),
+                 "HI", "--steps", "2", "--output-dir", str(tmp_path / "bf16"), "--device", "cpu", "--dtype", "bf16"]) == 0
+    half = json.loads((tmp_path / "bf16" / "routing.json").read_text())
+    assert [r["expert"] for r in half["images"]] == [r["expert"] for r in record["images"]]
     assert main(["generate", "--pipeline", str(tmp_path / "pipeline"), "--out", str(tmp_path / "none")]) == 2
     assert "no prompts" in capsys.readouterr().err
     # Peak memory, each prompt count in a fresh process.

@@ -10,7 +10,9 @@ from pathlib import Path
 
 from .config import (
     DEFAULT_MAX_BATCH_SIZE,
+    MIXED_PRECISION_OF,
     HelpFormatter,
+    add_device_arguments,
     add_output_argument,
     add_overwrite_argument,
     describe_keys,
@@ -18,6 +20,7 @@ from .config import (
     non_negative_float,
     non_negative_int,
     positive_int,
+    resolve_device,
 )
 from .teacher.cli import add_teacher_parser
 from .utils import APTPError, check_output_folder, error_summary
@@ -132,7 +135,8 @@ def cmd_bench_throughput(args) -> int:
 
     threads = _torch_threads(args.threads)
     with quiet_loading():
-        result = run_throughput_benchmark(args.pipeline, args.batch, args.steps, args.repeats, args.warmup)
+        result = run_throughput_benchmark(args.pipeline, args.batch, args.steps, args.repeats, args.warmup,
+                                          device=resolve_device(args.device, args.dtype))
     print(format_result(result, threads))
     return 0
 
@@ -190,7 +194,7 @@ def cmd_assign(args) -> int:
     from .training.assign import format_assign_summary, run_assign
 
     with quiet_loading():
-        summary = run_assign(args.router, args.out, args.data, args.size)
+        summary = run_assign(args.router, args.out, args.data, args.size, device=resolve_device(args.device, args.dtype))
     print(format_assign_summary(summary))
     print(f"shards and summary written to {args.out}")
     return 0
@@ -202,7 +206,11 @@ def cmd_finetune(args) -> int:
     from .training.assign import load_router
     from .training.finetune import FinetuneConfig, read_shard, run_finetune
 
-    config = FinetuneConfig.from_dict(parse_overrides(args.set))
+    overrides = parse_overrides(args.set)
+    device, dtype = resolve_device(args.device, args.dtype)
+    if args.dtype or (device.type == "cuda" and "mixed_precision" not in overrides):
+        overrides["mixed_precision"] = MIXED_PRECISION_OF[str(dtype)]
+    config = FinetuneConfig.from_dict(overrides)
     if args.all == (args.expert is not None):
         raise APTPError("give either --expert K or --all")
     check_output_folder(args.out)
@@ -212,7 +220,7 @@ def cmd_finetune(args) -> int:
             print(f"expert {expert}: no prompts were routed to it; left as sliced")
             continue
         with quiet_loading():
-            folder = run_finetune(args.router, args.assign, expert, args.out, config, args.overwrite)
+            folder = run_finetune(args.router, args.assign, expert, args.out, config, args.overwrite, device)
         print(f"expert {expert} written to {folder}")
     return 0
 
@@ -225,6 +233,7 @@ def cmd_export(args) -> int:
     check_output_folder(args.out)
     with quiet_loading():
         pipeline = build_pipeline(args.router, args.experts, args.allow_untrained_experts)
+    pipeline.to(dtype=resolve_device("cpu", args.dtype or "fp32")[1])
     with atomic_folder(args.out) as folder:
         pipeline.save_pretrained(folder)
     print(f"APTPPipeline with {len(pipeline.experts)} experts written to {args.out}")
@@ -269,7 +278,7 @@ def cmd_generate(args) -> int:
     prompts = read_prompts(args.prompts, args.prompts_file)
     out = check_output_folder(args.out)
     with quiet_loading():
-        pipeline = APTPPipeline.from_pretrained(args.pipeline)
+        pipeline = APTPPipeline.from_pretrained(args.pipeline).to(*resolve_device(args.device, args.dtype))
     pipeline.set_progress_bar_config(disable=True)
     warn_untrained(pipeline, args.pipeline)
     limit = pipeline.tokenizer.model_max_length
@@ -353,7 +362,8 @@ def cmd_evaluate(args) -> int:
     config = EvalConfig.from_dict(settings)
     check_output_folder(args.out)
     with quiet_loading():
-        report = evaluate_folders(args.pipeline, folders, config, args.out)
+        report = evaluate_folders(args.pipeline, folders, config, args.out,
+                                  device=resolve_device(args.device, args.dtype))
     print(f"report: {report}")
     return 0
 
@@ -426,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     throughput.add_argument("--repeats", type=positive_int, default=3, help="timed calls per model")
     throughput.add_argument("--warmup", type=non_negative_int, default=1, help="untimed calls first")
     throughput.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's choice)")
+    add_device_arguments(throughput)
     throughput.set_defaults(func=cmd_bench_throughput)
 
     memory = benches.add_parser("memory", help="APTPPipeline peak memory, few prompts vs many")
@@ -450,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_argument(assign, required=True)
     assign.add_argument("--data", help="data source (none: the router's training data)")
     assign.add_argument("--size", type=positive_int, help="number of captioned images (none: the router's)")
+    add_device_arguments(assign)
     assign.set_defaults(func=cmd_assign)
 
     finetune = commands.add_parser("finetune", help="fine-tune sliced experts on their own prompts",
@@ -462,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--all", action="store_true", help="fine-tune every expert, one after another")
     finetune.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override options, e.g. steps=200")
     add_overwrite_argument(finetune)
+    add_device_arguments(finetune)
     finetune.set_defaults(func=cmd_finetune)
 
     export = commands.add_parser("export", help="assemble a servable APTPPipeline folder")
@@ -470,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--allow-untrained-experts", action="store_true",
                         help="export experts without a fine-tuned folder as they are sliced from the base model")
     add_output_argument(export, required=True, help="pipeline folder")
+    add_device_arguments(export, device=False)
     export.set_defaults(func=cmd_export)
 
     generate = commands.add_parser("generate", help="generate images with an APTPPipeline")
@@ -481,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance-scale", type=non_negative_float, default=4.0, help="classifier-free guidance")
     generate.add_argument("--seed", type=int, default=0, help="prompt i uses seed SEED + i")
     generate.add_argument("--batch-size", type=positive_int, default=32, help="prompts per pipeline call")
+    add_device_arguments(generate)
     generate.set_defaults(func=cmd_generate)
 
     demo = commands.add_parser("demo", help="the whole method on the embedded world, with baselines and a report",
@@ -517,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--clip", help="a local CLIPModel folder for CLIP score and CMMD (none: both are skipped)")
     add_output_argument(evaluate, default="runs/evaluate", help="report folder")
     evaluate.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override options, e.g. per_category=16")
+    add_device_arguments(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
     # Each folder owns its command group.

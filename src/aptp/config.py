@@ -137,6 +137,38 @@ def add_output_argument(parser: argparse.ArgumentParser, dest: str = "out", **kw
     parser.add_argument("--output-dir", "--out", dest=dest, **kwargs)
 
 
+DTYPES = ("fp32", "fp16", "bf16")
+MIXED_PRECISION_OF = {"torch.float32": "no", "torch.float16": "fp16", "torch.bfloat16": "bf16"}  # for Accelerate
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, device: bool = True) -> None:
+    """``--device`` and ``--dtype``: CUDA in fp16 when there is a GPU, else the CPU in fp32."""
+    if device:
+        parser.add_argument("--device", help="torch device, e.g. cuda, cuda:1, cpu (none: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=DTYPES, help="weights and activations (none: fp16 on CUDA, else fp32)")
+
+
+def resolve_device(device: str | None = None, dtype: str | None = None):
+    """The torch device and dtype that ``--device`` / ``--dtype`` ask for (see :func:`add_device_arguments`)."""
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise APTPError(f"unknown device {device!r}; e.g. cuda, cuda:0, cpu") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise APTPError(f"device {device} asked for, but CUDA is not available on this machine")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise APTPError(f"device {device} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+    if dtype is None:
+        dtype = "fp16" if resolved.type == "cuda" else "fp32"
+    if dtype not in DTYPES:
+        raise APTPError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return resolved, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+
+
 def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="delete a run of other settings or inputs found in the output folder and start over "

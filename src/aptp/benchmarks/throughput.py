@@ -20,10 +20,11 @@ TARGET = 0.85  # speed-up >= TARGET / average MACs fraction
 
 
 def run_throughput_benchmark(pipeline_dir: str, batch_size: int = 64, steps: int = 25, repeats: int = 3,
-                             warmup: int = 1, guidance_scale: float = 4.0) -> dict:
-    aptp = APTPPipeline.from_pretrained(pipeline_dir)
+                             warmup: int = 1, guidance_scale: float = 4.0, device: tuple | None = None) -> dict:
+    device, dtype = device or ("cpu", torch.float32)
+    aptp = APTPPipeline.from_pretrained(pipeline_dir).to(device, dtype)
     aptp.set_progress_bar_config(disable=True)
-    dense = load_base_pipeline(aptp.router.config.metadata["base_model"])
+    dense = load_base_pipeline(aptp.router.config.metadata["base_model"], device, dtype)
     prompts = [s.prompt for s in world.generate(batch_size, "test", seed=0)]
     aptp.route(prompts)  # load the prompt encoder outside the timed rounds
 
@@ -38,6 +39,8 @@ def run_throughput_benchmark(pipeline_dir: str, batch_size: int = 64, steps: int
         for name, pipeline in (("dense", dense), ("aptp", aptp)):
             start = time.perf_counter()
             result = run(pipeline)
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - start
             if name == "aptp":
                 fractions = result.macs_fraction
@@ -46,7 +49,8 @@ def run_throughput_benchmark(pipeline_dir: str, batch_size: int = 64, steps: int
     dense_ips = batch_size / statistics.median(timings["dense"])
     aptp_ips = batch_size / statistics.median(timings["aptp"])
     mean_fraction = sum(fractions) / len(fractions)
-    return {"batch_size": batch_size, "steps": steps, "repeats": repeats, "dense_images_per_s": dense_ips,
+    return {"batch_size": batch_size, "steps": steps, "repeats": repeats, "device": f"{device} {dtype}",
+            "dense_images_per_s": dense_ips,
             "aptp_images_per_s": aptp_ips, "speedup": aptp_ips / dense_ips, "mean_macs_fraction": mean_fraction,
             "experts_used": len(set(result.experts)), "target_speedup": TARGET / mean_fraction}
 
@@ -55,7 +59,7 @@ def format_result(result: dict, threads: int) -> str:
     verdict = "met" if result["speedup"] >= result["target_speedup"] else "MISSED"
     return "\n".join([
         f"aptp bench throughput: {result['batch_size']} mixed world prompts, {result['steps']} steps, "
-        f"{threads} torch threads, median of {result['repeats']} rounds",
+        f"{result['device']}, {threads} torch threads, median of {result['repeats']} rounds",
         f"  dense teacher pipeline   {result['dense_images_per_s']:8.2f} images/s",
         f"  APTPPipeline             {result['aptp_images_per_s']:8.2f} images/s  "
         f"({result['experts_used']} experts used)",

@@ -235,28 +235,29 @@ def load_unet_folder(folder: str | Path, base_unet, family):
 
 
 def evaluate_folders(pipeline_dir: str | Path, unet_folders: Mapping[str, str | Path], config: EvalConfig,
-                     out: str | Path, extra: dict | None = None) -> Path:
+                     out: str | Path, extra: dict | None = None, device: tuple | None = None) -> Path:
     """Evaluate the dense base model, an ``APTPPipeline`` folder (as ``APTP``) and sliced UNet folders
     (e.g. baselines) side by side on the world's test prompts; write the report under ``out`` and return
-    the path of ``report.html``."""
+    the path of ``report.html``. ``device``: (torch device, dtype) of every model (default: CPU, fp32)."""
+    device, dtype = device or ("cpu", torch.float32)
     pipeline_dir = Path(pipeline_dir)
     if not (pipeline_dir / "model_index.json").is_file():
         raise APTPError(f"{pipeline_dir} is not an APTPPipeline folder (no model_index.json); see `aptp export`")
     for name in unet_folders:
         if name in ("dense", "APTP"):
             raise APTPError(f"the name {name!r} is taken; give the UNet folder another name")
-    mixture = APTPPipeline.from_pretrained(pipeline_dir)
+    mixture = APTPPipeline.from_pretrained(pipeline_dir).to(device, dtype)
     mixture.set_progress_bar_config(disable=True)
     if untrained := mixture.experts.untrained():
         print(f"warning: expert(s) {', '.join(map(str, untrained))} of {pipeline_dir} were never fine-tuned")
     metadata = mixture.router.config.metadata
-    base = load_base_pipeline(metadata["base_model"])
+    base = load_base_pipeline(metadata["base_model"], device, dtype)
     family = family_of(base.unet)
     candidates = [single_unet_candidate("dense", base, base.unet, 1.0), mixture_candidate("APTP", mixture)]
     size, text_length = tuple(metadata["latent_size"]), metadata["text_length"]
     dense_macs = family.measure_macs(base.unet, size, text_length)
     for name, folder in unet_folders.items():
-        unet = load_unet_folder(folder, base.unet, family)
+        unet = load_unet_folder(folder, base.unet, family).to(device, dtype)
         candidates.append(single_unet_candidate(name, base, unet, family.measure_macs(unet, size, text_length)
                                                 / dense_macs))
     if not config.clip:
@@ -264,6 +265,7 @@ def evaluate_folders(pipeline_dir: str | Path, unet_folders: Mapping[str, str | 
               "`aptp demo --set evaluation.clip=PATH`)")
     metrics, images, samples = evaluate_candidates(candidates, config, family, text_length, base)
     fractions = [mixture.experts.macs_fraction(k) for k in range(len(mixture.experts))]
+    metrics["device"] = f"{device} {dtype}"
     metrics["verdict"] = verdict(metrics["models"])
     metrics["claims"] = claims(metrics["models"])
     metrics.update(extra or {})

@@ -131,6 +131,12 @@ class APTPPipeline(DiffusionPipeline):
             raise APTPError(f"cannot load the APTPPipeline {source} ({type(error).__name__}: "
                             f"{error_summary(error)})") from None
 
+    def to(self, *args, **kwargs) -> "APTPPipeline":
+        """diffusers' ``to``; the router stays in float32, so routing does not depend on the serving dtype."""
+        super().to(*args, **kwargs)
+        self.router.float()
+        return self
+
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """diffusers' ``save_pretrained``, plus the module file that lets ``DiffusionPipeline.from_pretrained``
         find this class (``_class_name`` names it)."""
@@ -191,7 +197,7 @@ out.images, out.experts, out.macs_fraction
 
     def route(self, prompts: list[str]) -> list[int]:
         """Expert of every prompt: deterministic, independent of the other prompts in the call."""
-        embeddings = self.prompt_encoder.encode(prompts).to(self.device)
+        embeddings = self.prompt_encoder.encode(prompts).to(self.router.device, self.router.dtype)
         return self.router.route(embeddings).tolist()
 
     def expert_pipeline(self, index: int) -> StableDiffusionPipeline:

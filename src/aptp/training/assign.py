@@ -51,8 +51,9 @@ def shard_file(folder: str | Path, expert: int) -> Path:
 
 
 def run_assign(router_dir: str | Path, out: str | Path, data: str | None = None, size: int | None = None,
-               seed: int | None = None) -> dict:
-    """Route a dataset (default: the router's own training data) and write shards + ``summary.json``."""
+               seed: int | None = None, device: tuple | None = None) -> dict:
+    """Route a dataset (default: the router's own training data) and write shards + ``summary.json``.
+    ``device``: (torch device, dtype) of the encoding (default: the CPU in fp32)."""
     router, experts = load_router(router_dir)
     out = check_output_folder(out)
     trained = experts["config"]
@@ -61,8 +62,8 @@ def run_assign(router_dir: str | Path, out: str | Path, data: str | None = None,
     seed = trained["seed"] if seed is None else seed
     metadata = router.config.metadata
     dataset, _ = make_datasets(data, size, 1, metadata["resolution"], seed)  # bad data fails before loading
-    pipeline = load_base_pipeline(metadata["base_model"])
-    encoder = PromptEncoder(router.config.prompt_encoder)
+    pipeline = load_base_pipeline(metadata["base_model"], *(device or ("cpu", torch.float32)))
+    encoder = PromptEncoder(router.config.prompt_encoder, pipeline.device)
     if (data, size, seed) == (trained["data"], trained["train_size"], trained["seed"]):
         # Routing the router's own training data: start from the cache the pruning run already encoded.
         copy_cache(Path(router_dir).parent / "cache" / "train.safetensors", out / CACHE_FILE)

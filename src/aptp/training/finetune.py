@@ -122,9 +122,10 @@ def load_assigned_cache(assign_dir: str | Path, base_model: str) -> tuple[dict, 
 
 
 def run_finetune(router_dir: str | Path, assign_dir: str | Path, expert: int, out: str | Path,
-                 config: FinetuneConfig | None = None, overwrite: bool = False) -> Path:
+                 config: FinetuneConfig | None = None, overwrite: bool = False, device=None) -> Path:
     """Fine-tune expert ``expert`` on its shard; writes ``OUT/expert-K`` (``save_pretrained``) and returns it.
-    A run with other settings, base model or shard in the way is refused unless ``overwrite``."""
+    A run with other settings, base model or shard in the way is refused unless ``overwrite``. ``device``
+    "cpu" keeps it on the CPU; otherwise Accelerate picks the GPU of this process when there is one."""
     router, experts = load_router(router_dir)
     if not 0 <= expert < router.num_codes:
         raise APTPError(f"expert must be in [0, {router.num_codes}), got {expert}")
@@ -136,12 +137,12 @@ def run_finetune(router_dir: str | Path, assign_dir: str | Path, expert: int, ou
                                  experts["experts"][expert]["architecture"], assign_dir, rows,
                                  expert_folder(out, expert), config,
                                  {"expert": expert, "macs_fraction": experts["experts"][expert]["macs_fraction"]},
-                                 overwrite)
+                                 overwrite, device)
 
 
 def finetune_architecture(base_model: str, options: UnitOptions, architecture: dict, assign_dir: str | Path,
                           rows: list[int], out: Path, config: FinetuneConfig | None = None,
-                          info: dict | None = None, overwrite: bool = False) -> Path:
+                          info: dict | None = None, overwrite: bool = False, device=None) -> Path:
     """Slice ``architecture`` from the base UNet and fine-tune it on ``rows`` of the encoded dataset in
     ``assign_dir``; writes the model to ``out`` (``save_pretrained``, atomically) and returns it."""
     config = config or FinetuneConfig()
@@ -159,7 +160,7 @@ def finetune_architecture(base_model: str, options: UnitOptions, architecture: d
         remove_outputs(checkpoint, out)
     refuse_other_settings(checkpoint, asdict(config), free, identity)
     rows = torch.tensor(rows, dtype=torch.long)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=str(device) == "cpu")
     set_seed(config.seed)
     pipeline = load_base_pipeline(base_model, accelerator.device)
     teacher = pipeline.unet.eval().requires_grad_(False)
