@@ -124,3 +124,44 @@ def test_finetune_resumes_exactly(tmp_path):
     a = load_file(straight / "diffusion_pytorch_model.safetensors")
     b = load_file(resumed / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_with_ema_and_a_schedule_resumes_exactly_and_logs(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import pytest
+    from safetensors.torch import load_file
+
+    from aptp.training import finetune as finetune_module
+    from aptp.training.finetune import FinetuneConfig, run_finetune
+    from aptp.utils import APTPError
+
+    pipeline = make_sd2_pipeline(tmp_path / "sd2")
+    export_imagefolder(tmp_path / "data", 16, "train", seed=0)
+    assert main(["prune", "--output-dir", str(tmp_path / "prune"), "--set", f"model={pipeline}",
+                 f"data={tmp_path / 'data'}", "train_size=12", "val_size=4", "steps=2", "warmup_steps=1",
+                 "batch_size=4", "num_codes=1", "arch_dim=8", "hidden_dim=16", "hyper_hidden_dim=16",
+                 "validate_every=0"]) == 0
+    router = tmp_path / "prune" / "router"
+    assert main(["assign", "--router", str(router), "--out", str(tmp_path / "assign")]) == 0
+    config = FinetuneConfig(steps=4, batch_size=4, checkpoint_every=1, validation_prompts=0, lr=1e-3,
+                            lr_schedule="cosine", lr_warmup=1, ema_decay=0.5)
+    straight = run_finetune(router, tmp_path / "assign", 0, tmp_path / "a", config)
+    original, calls = finetune_module.noised_batch, {"n": 0}
+
+    def interrupt_in_the_third_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "noised_batch", interrupt_in_the_third_step)
+    with pytest.raises(APTPError, match="interrupted at step 3"):
+        run_finetune(router, tmp_path / "assign", 0, tmp_path / "b", config)
+    monkeypatch.setattr(finetune_module, "noised_batch", original)
+    resumed = run_finetune(router, tmp_path / "assign", 0, tmp_path / "b", config)
+    a = load_file(straight / "diffusion_pytorch_model.safetensors")
+    b = load_file(resumed / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert list((tmp_path / "a" / "logs-expert-0").rglob("events.out.tfevents*")), "TensorBoard logs of the loss terms"

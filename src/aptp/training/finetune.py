@@ -17,7 +17,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
+from diffusers.optimization import SchedulerType, get_scheduler
+from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
+from torch import nn
 
 from ..config import UnitOptions, config_from_dict
 from ..families import family_of
@@ -36,8 +39,17 @@ from .common import (
     run_loop,
     sample_seeds,
     task_losses,
-    warmup_cosine_lr,
 )
+
+LR_SCHEDULES = tuple(t.value for t in SchedulerType if t is not SchedulerType.PIECEWISE_CONSTANT)
+
+
+class ShadowWeights(nn.Module):
+    """The EMA's weights as a module, so checkpoints save and restore them like any other (in place)."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        super().__init__()
+        self.weights = nn.ParameterList(nn.Parameter(t, requires_grad=False) for t in tensors)
 
 
 @dataclass
@@ -45,8 +57,10 @@ class FinetuneConfig:
     steps: int = 100
     batch_size: int = 32
     lr: float = 1e-4
-    lr_schedule: str = "constant"  # or "cosine": linear warm-up over lr_warmup steps, cosine decay to lr / 10
+    lr_schedule: str = "constant"  # any of diffusers' schedules (optimization.get_scheduler), e.g. cosine, linear
     lr_warmup: int = 0
+    ema_decay: float | None = None  # keep an EMA of the weights (diffusers' EMAModel) and save it instead
+    log_every: int = 1  # TensorBoard: loss terms and learning rate every N steps
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     lambda_ddpm: float = 1.0
@@ -62,9 +76,11 @@ class FinetuneConfig:
     mixed_precision: str = "no"
 
     def __post_init__(self):
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise APTPError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        for name in ("steps", "batch_size", "checkpoint_every", "validation_steps"):
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise APTPError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise APTPError(f"ema_decay must be in (0, 1) (or null: no EMA), got {self.ema_decay}")
+        for name in ("steps", "batch_size", "checkpoint_every", "validation_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise APTPError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "lr_warmup", "weight_decay", "grad_clip", "lambda_ddpm", "lambda_distill", "lambda_blocks",
@@ -160,7 +176,8 @@ def finetune_architecture(base_model: str, options: UnitOptions, architecture: d
         remove_outputs(checkpoint, out)
     refuse_other_settings(checkpoint, asdict(config), free, identity)
     rows = torch.tensor(rows, dtype=torch.long)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=str(device) == "cpu")
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=str(device) == "cpu",
+                              log_with="tensorboard", project_dir=str(out.parent))
     set_seed(config.seed)
     pipeline = load_base_pipeline(base_model, accelerator.device)
     teacher = pipeline.unet.eval().requires_grad_(False)
@@ -172,11 +189,22 @@ def finetune_architecture(base_model: str, options: UnitOptions, architecture: d
     family = family_of(teacher)
     teacher_blocks = BlockRecorder(family.feature_modules(teacher))
     student_blocks = BlockRecorder(family.feature_modules(accelerator.unwrap_model(student)))
+    ema = EMAModel(student.parameters(), decay=config.ema_decay) if config.ema_decay else None
+    modules = {"expert": accelerator.unwrap_model(student)}
+    if ema is not None:
+        modules["ema"] = ShadowWeights(ema.shadow_params)
     start = 0
-    if resumed := resume_checkpoint(checkpoint, {"expert": accelerator.unwrap_model(student)}, optimizer):
+    if resumed := resume_checkpoint(checkpoint, modules, optimizer):
         found, saved = resumed
         check_same_settings(found, saved, asdict(config), free, identity)
         start = saved["step"]
+        if ema is not None:
+            ema.optimization_step = saved["ema_step"]
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", config.lr)
+    lr_scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.lr_warmup,
+                                 num_training_steps=config.steps, last_epoch=start - 1)
+    accelerator.init_trackers(f"logs-{out.name}", config={k: v for k, v in asdict(config).items() if v is not None})
     scaling = pipeline.vae.config.scaling_factor
     device = accelerator.device
 
@@ -191,20 +219,24 @@ def finetune_architecture(base_model: str, options: UnitOptions, architecture: d
         ddpm, distill, blocks = task_losses(scheduler, batch, predicted, dense, student_blocks.take(),
                                             teacher_blocks.take(), config.min_snr_gamma, config.normalize_blocks)
         loss = config.lambda_ddpm * ddpm + config.lambda_distill * distill + config.lambda_blocks * blocks
-        if config.lr_schedule == "cosine":
-            for group in optimizer.param_groups:
-                group["lr"] = warmup_cosine_lr(config.lr, step, config.lr_warmup, config.steps)
         accelerator.backward(loss)
         if config.grad_clip:
             accelerator.clip_grad_norm_(student.parameters(), config.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
+        lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss.item()}
+        if ema is not None:
+            ema.step(student.parameters())
+        return {"loss/total": loss.item(), "loss/ddpm": ddpm.item(), "loss/distill": distill.item(),
+                "loss/blocks": blocks.item(), "lr": lr}
 
     def save(step: int) -> None:
         if accelerator.is_main_process:
-            save_checkpoint(checkpoint, {"expert": accelerator.unwrap_model(student)},
-                            {"step": step, "config": asdict(config), "identity": identity}, optimizer)
+            state = {"step": step, "config": asdict(config), "identity": identity}
+            if ema is not None:
+                state["ema_step"] = ema.optimization_step
+            save_checkpoint(checkpoint, modules, state, optimizer)
         accelerator.wait_for_everyone()
 
     def validate(step: int) -> None:
@@ -220,13 +252,18 @@ def finetune_architecture(base_model: str, options: UnitOptions, architecture: d
                           f"step-{step:06d}.png")
 
     def after_step(step: int, values: dict) -> None:
+        if step % config.log_every == 0:
+            accelerator.log(values, step=step)
         if config.validate_every and step % config.validate_every == 0 and accelerator.is_main_process:
             validate(step)
 
     run_loop(config.steps, start, step_fn, save, config.checkpoint_every, checkpoint, out.name,
-             after_step, accelerator.is_local_main_process)
+             after_step, accelerator.is_local_main_process, shown=("loss/total",))
+    accelerator.end_training()
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(student).eval()
+        if ema is not None:
+            ema.copy_to(final.parameters())
         with atomic_folder(out) as folder:
             final.save_pretrained(folder)
             write_json_atomic(folder / "aptp_expert.json", {**(info or {}), "samples": len(rows),
