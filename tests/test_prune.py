@@ -29,6 +29,7 @@ from aptp.world import export_imagefolder
     ({"min_width": {"heads": 2}}, "must be in"),
     ({"difficulty_exponent": -1}, "difficulty_exponent"),
     ({"difficulty_weighting": "snr"}, "difficulty_weighting must be one of plain, min_snr"),
+    ({"difficulty_timesteps": 0}, "difficulty_timesteps must be >= 1"),
     ({"max_code_fraction": 0}, "max_code_fraction"),
     ({"arch_dim": 0}, "arch_dim must be >= 1"),
     ({"checkpoint_every": 0, "log_every": 0}, "checkpoint_every, log_every must be >= 1"),
@@ -244,3 +245,12 @@ def test_a_run_with_other_settings_is_not_resumed(tmp_path, capsys):
     assert router.config.metadata["budget"] == 0.5
     # ... and a matching re-run resumes (nothing to do) instead of refusing.
     assert main(["prune", "--config", str(config), "--set", "budget=0.5", "--output-dir", str(tmp_path / "a")]) == 0
+
+
+def test_difficulty_over_timestep_strata(tmp_path):
+    settings = {**_tiny_run(tmp_path), "steps": 2, "validate_every": 0}
+    one = run_prune(PruneConfig(**settings, output_dir=str(tmp_path / "one")))
+    strata = run_prune(PruneConfig(**settings, output_dir=str(tmp_path / "strata"), difficulty_timesteps=3))
+    assert set(strata["difficulty_by_category"]) == set(one["difficulty_by_category"])
+    assert all(v > 0 for v in strata["difficulty_by_category"].values())
+    assert strata["difficulty_by_category"] != one["difficulty_by_category"]

@@ -95,8 +95,8 @@ def snr_weights(scheduler, timesteps, gamma: float | None) -> torch.Tensor | Non
 def noised_batch(cache: dict, rows: torch.Tensor, scheduler, scaling: float, seeds: torch.Tensor,
                  device) -> dict[str, torch.Tensor]:
     """Rows ``rows`` of an encoded dataset (:func:`~aptp.training.cache.encode_dataset`), noised at random
-    training timesteps: ``latents`` (a sample of each posterior), ``text``, ``timesteps``, ``noisy`` and the
-    model's ``target``. Row i draws from a CPU generator seeded with ``seeds[i]``, so a step is reproducible
+    training timesteps: ``latents`` (a sample of each posterior), ``noise``, ``text``, ``timesteps``, ``noisy``
+    and the model's ``target``. Row i draws from a CPU generator seeded with ``seeds[i]``, so a step is reproducible
     and a sample's draws are the same however the batch is split across processes."""
     mean, std = cache["latent_mean"][rows], cache["latent_std"][rows]
     shape = mean.shape[1:]
@@ -109,7 +109,7 @@ def noised_batch(cache: dict, rows: torch.Tensor, scheduler, scaling: float, see
     latents = ((mean + std * posterior) * scaling).to(device)
     text = cache["text_states"][cache["prompt_index"][rows]].float().to(device)
     noise, timesteps = noise.to(device), timesteps.to(device)
-    return {"latents": latents, "text": text, "timesteps": timesteps,
+    return {"latents": latents, "noise": noise, "text": text, "timesteps": timesteps,
             "noisy": scheduler.add_noise(latents, noise, timesteps),
             "target": diffusion_target(scheduler, latents, noise, timesteps)}
 

@@ -125,6 +125,9 @@ class PruneConfig:
     difficulty_weighting: str = "plain"
     lambda_code_size: float = 1.0
     difficulty_rows: int = 512  # training rows whose difficulty is measured (once, before training)
+    # Timesteps per row: 1 draws one at random; N > 1 averages over N strata of the schedule (one timestep
+    # drawn in each), so the difficulty of a row does not hinge on one draw.
+    difficulty_timesteps: int = 1
     max_code_fraction: float = 0.95  # no code's target exceeds this fraction of dense MACs
     lambda_spread: float = 0.0  # the published -std + (1 - max) of the per-code MACs, capped at max_code_fraction
     # Optimisation.
@@ -169,6 +172,8 @@ class PruneConfig:
         if self.difficulty_weighting not in DIFFICULTY_WEIGHTINGS:
             raise APTPError(f"difficulty_weighting must be one of {', '.join(DIFFICULTY_WEIGHTINGS)}, "
                             f"got {self.difficulty_weighting!r}")
+        if self.difficulty_timesteps < 1:
+            raise APTPError(f"difficulty_timesteps must be >= 1, got {self.difficulty_timesteps}")
         if self.difficulty_exponent < 0 or not 0 < self.max_code_fraction <= 1 or self.difficulty_rows < 1:
             raise APTPError("difficulty_exponent must be >= 0, max_code_fraction in (0, 1] and difficulty_rows >= 1")
         try:
@@ -327,6 +332,8 @@ def prompt_difficulty(unet, controller, gates: torch.Tensor, cache: dict, schedu
     gamma = config.min_snr_gamma if config.difficulty_weighting == "min_snr" else None
     key = {"rows": rows, "budget": config.budget, "seed": config.seed, "min_snr_gamma": gamma,
            "depth": config.depth, "ff_chunks": config.ff_chunks, "identity": identity}
+    if config.difficulty_timesteps > 1:
+        key["timesteps"] = config.difficulty_timesteps
     key = json.loads(json.dumps(key))
     key_file = cache_file.with_suffix(".json")  # written last: a cache without it is incomplete
     if cache_file.is_file() and key_file.is_file() and json.loads(key_file.read_text()) == key:
@@ -335,13 +342,20 @@ def prompt_difficulty(unet, controller, gates: torch.Tensor, cache: dict, schedu
     for start in tqdm(range(0, rows, config.batch_size), desc="prompt difficulty", unit="batch", leave=False):
         index = torch.arange(start, min(rows, start + config.batch_size))
         batch = noised_batch(cache, index, scheduler, scaling, sample_seeds(config.seed * 7919 + 17, index), device)
-        with controller.use(None):
-            teacher = unet(batch["noisy"], batch["timesteps"], batch["text"]).sample.float()
-        with controller.use(gates.to(device)[None]):
-            pruned = unet(batch["noisy"], batch["timesteps"], batch["text"]).sample.float()
-        error = (pruned - teacher).pow(2).flatten(1).mean(1)
-        weights = snr_weights(scheduler, batch["timesteps"], gamma)
-        difficulty[index] = (error * weights if weights is not None else error).cpu()
+        strata = config.difficulty_timesteps
+        for stratum in range(strata):
+            timesteps = batch["timesteps"]
+            if strata > 1:  # the row's draw moved into stratum k of the schedule
+                total = scheduler.config.num_train_timesteps
+                timesteps = (stratum * total + timesteps) // strata
+            noisy = scheduler.add_noise(batch["latents"], batch["noise"], timesteps) if strata > 1 else batch["noisy"]
+            with controller.use(None):
+                teacher = unet(noisy, timesteps, batch["text"]).sample.float()
+            with controller.use(gates.to(device)[None]):
+                pruned = unet(noisy, timesteps, batch["text"]).sample.float()
+            error = (pruned - teacher).pow(2).flatten(1).mean(1)
+            weights = snr_weights(scheduler, timesteps, gamma)
+            difficulty[index] += (error * weights if weights is not None else error).cpu() / strata
     save_tensors_atomic({"difficulty": difficulty}, cache_file)
     write_json_atomic(key_file, key)
     return difficulty
