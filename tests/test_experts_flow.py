@@ -103,11 +103,8 @@ def test_full_flow_from_the_cli(tmp_path, capsys):
     assert "not an APTPPipeline folder" in capsys.readouterr().err
 
 
-def test_finetune_resumes_exactly(tmp_path):
-    from safetensors.torch import load_file
-
-    from aptp.training.finetune import FinetuneConfig, run_finetune
-
+def _one_expert_router(tmp_path):
+    """A one-expert router of a tiny SD-2-style pipeline, with its training data assigned in tmp_path/assign."""
     pipeline = make_sd2_pipeline(tmp_path / "sd2")
     export_imagefolder(tmp_path / "data", 16, "train", seed=0)
     assert main(["prune", "--output-dir", str(tmp_path / "prune"), "--set", f"model={pipeline}",
@@ -116,6 +113,15 @@ def test_finetune_resumes_exactly(tmp_path):
                  "validate_every=0"]) == 0
     router = tmp_path / "prune" / "router"
     assert main(["assign", "--router", str(router), "--out", str(tmp_path / "assign")]) == 0
+    return router
+
+
+def test_finetune_resumes_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    from aptp.training.finetune import FinetuneConfig, run_finetune
+
+    router = _one_expert_router(tmp_path)
     settings = dict(batch_size=4, checkpoint_every=1, validation_prompts=0)
     straight = run_finetune(router, tmp_path / "assign", 0, tmp_path / "a", FinetuneConfig(steps=4, **settings))
     # A run stopped after two steps leaves a checkpoint; the same command with the full length resumes it.
@@ -137,14 +143,7 @@ def test_finetune_with_ema_and_a_schedule_resumes_exactly_and_logs(tmp_path, mon
     from aptp.training.finetune import FinetuneConfig, run_finetune
     from aptp.utils import APTPError
 
-    pipeline = make_sd2_pipeline(tmp_path / "sd2")
-    export_imagefolder(tmp_path / "data", 16, "train", seed=0)
-    assert main(["prune", "--output-dir", str(tmp_path / "prune"), "--set", f"model={pipeline}",
-                 f"data={tmp_path / 'data'}", "train_size=12", "val_size=4", "steps=2", "warmup_steps=1",
-                 "batch_size=4", "num_codes=1", "arch_dim=8", "hidden_dim=16", "hyper_hidden_dim=16",
-                 "validate_every=0"]) == 0
-    router = tmp_path / "prune" / "router"
-    assert main(["assign", "--router", str(router), "--out", str(tmp_path / "assign")]) == 0
+    router = _one_expert_router(tmp_path)
     config = FinetuneConfig(steps=4, batch_size=4, checkpoint_every=1, validation_prompts=0, lr=1e-3,
                             lr_schedule="cosine", lr_warmup=1, ema_decay=0.5)
     straight = run_finetune(router, tmp_path / "assign", 0, tmp_path / "a", config)
