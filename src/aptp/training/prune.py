@@ -120,8 +120,8 @@ class PruneConfig:
     # Experts sized by difficulty: a code's MACs target grows with the mean difficulty of its prompts
     # (their distance to the teacher under a fixed uniform pruning at the budget) to this power; 0: off.
     difficulty_exponent: float = 3.0
-    # How the distance is averaged over timesteps: "plain" (the noise-prediction MSE, where low-noise steps,
-    # which carry fine detail such as glyphs, weigh most) or "min_snr" (weighted as the losses are).
+    # How the distance is weighted over timesteps: "plain" (the noise-prediction MSE) or "min_snr" (weighted
+    # as the losses are).
     difficulty_weighting: str = "plain"
     lambda_code_size: float = 1.0
     difficulty_rows: int = 512  # training rows whose difficulty is measured (once, before training)
