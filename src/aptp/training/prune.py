@@ -326,8 +326,8 @@ def within_unit_zscores(layout: UnitLayout, values: torch.Tensor) -> torch.Tenso
 def prompt_difficulty(unet, controller, gates: torch.Tensor, cache: dict, scheduler, scaling: float,
                       config: PruneConfig, cache_file: Path, device, identity: dict) -> torch.Tensor:
     """For the first ``difficulty_rows`` training rows, how far a fixed pruned model (``gates``) is from
-    the dense teacher: the output MSE at one random timestep (min-SNR weighted if ``difficulty_weighting``
-    says so). Computed once and cached."""
+    the dense teacher: the output MSE at one random timestep, or averaged over ``difficulty_timesteps``
+    strata of the schedule (min-SNR weighted if ``difficulty_weighting`` says so). Computed once and cached."""
     rows = min(config.difficulty_rows, len(cache["prompt_index"]))
     gamma = config.min_snr_gamma if config.difficulty_weighting == "min_snr" else None
     key = {"rows": rows, "budget": config.budget, "seed": config.seed, "min_snr_gamma": gamma,
