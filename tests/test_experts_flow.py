@@ -70,6 +70,17 @@ def test_full_flow_from_the_cli(tmp_path, capsys):
     allow = [] if len(finetuned) == 2 else ["--allow-untrained-experts"]
     assert main(["export", "--router", router, "--experts", str(tmp_path / "experts"), "--out",
                  str(tmp_path / "pipeline"), *allow]) == 0
+    # `aptp inspect` reports what the pipeline and an expert were pruned at, from their folders alone.
+    metadata = APTPPipeline.from_pretrained(tmp_path / "pipeline").router.config.metadata
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "pipeline"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["resolution"] == metadata["resolution"] and summary["text_length"] == metadata["text_length"]
+    assert len(summary["experts"]) == 2 and all(0 < e["macs_fraction"] <= 1 for e in summary["experts"])
+    assert main(["inspect", str(tmp_path / "experts" / f"expert-{finetuned[0]}"), "--json"]) == 0
+    expert = json.loads(capsys.readouterr().out)
+    assert (expert["resolution"], expert["latent"], expert["text_length"]) == (
+        metadata["resolution"], metadata["latent_size"][0], metadata["text_length"])
     steps = APTPPipeline.from_pretrained(tmp_path / "pipeline").experts.config.expert_finetune_steps
     assert [steps[k] for k in finetuned] == [2] * len(finetuned) and sorted(steps).count(0) == 2 - len(finetuned)
     loaded = APTPPipeline.from_pretrained(tmp_path / "pipeline")

@@ -23,7 +23,7 @@ from .config import (
     resolve_device,
 )
 from .teacher.cli import add_teacher_parser
-from .utils import APTPError, check_output_folder, error_summary
+from .utils import APTPError, check_output_folder, error_summary, read_json
 from .world.cli import add_world_parser
 
 
@@ -56,12 +56,21 @@ def cmd_inspect(args) -> int:
     from .families import family_of
     from .families.sources import resolve_source
 
+    folder = Path(args.model)
+    if (folder / "model_index.json").is_file() and (folder / "router" / "config.json").is_file():
+        return _inspect_pipeline(folder, args.json)
     source = resolve_source(args.model)
-    resolution = args.resolution or source.default_resolution
-    if resolution % source.vae_scale_factor:
-        raise APTPError(f"resolution {resolution} is not a multiple of the VAE scale factor {source.vae_scale_factor}")
-    latent = resolution // source.vae_scale_factor
-    text_length = args.text_length or source.text_length
+    # A fine-tuned expert records the resolution and text length it was pruned at.
+    pruned_at = read_json(folder / "aptp_expert.json") if (folder / "aptp_expert.json").is_file() else {}
+    if args.resolution is None and "latent_size" in pruned_at:
+        resolution, latent = pruned_at["resolution"], pruned_at["latent_size"][0]
+    else:
+        resolution = args.resolution or source.default_resolution
+        if resolution % source.vae_scale_factor:
+            raise APTPError(f"resolution {resolution} is not a multiple of the VAE scale factor "
+                            f"{source.vae_scale_factor}")
+        latent = resolution // source.vae_scale_factor
+    text_length = args.text_length or pruned_at.get("text_length") or source.text_length
     unet = source.build_meta_unet()
     family = family_of(unet)
     model = family.build_macs_model(unet, (latent, latent), text_length)
@@ -90,6 +99,36 @@ def cmd_inspect(args) -> int:
     for row in model.unit_table():
         note = "  (whole blocks, incl. nested units)" if row["kind"] in ("resnet", "transformer") else ""
         print(f"  {row['kind']:<13}{row['units']:>6}{row['elements']:>8}{row['share']:>11.1%}{note}")
+    return 0
+
+
+def _inspect_pipeline(folder: Path, as_json: bool) -> int:
+    """An exported APTPPipeline, from its config files: what it was pruned at and its experts."""
+    from .pipelines.aptp import check_pipeline_folder
+
+    check_pipeline_folder(folder)
+    metadata = read_json(folder / "router" / "config.json").get("metadata", {})
+    bank = read_json(folder / "experts" / "config.json")
+    dense = bank.get("dense_macs") or 1.0
+    shares = bank.get("expert_shares") or [None] * len(bank.get("expert_macs", []))
+    steps = bank.get("expert_finetune_steps") or [None] * len(bank.get("expert_macs", []))
+    experts = [{"expert": k, "macs": macs, "macs_fraction": macs / dense, "validation_share": shares[k],
+                "finetune_steps": steps[k]} for k, macs in enumerate(bank.get("expert_macs", []))]
+    summary = {"pipeline": str(folder), "base_model": metadata.get("base_model"), "budget": metadata.get("budget"),
+               "resolution": metadata.get("resolution"), "latent_size": metadata.get("latent_size"),
+               "text_length": metadata.get("text_length"), "dense_macs": dense, "experts": experts}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"APTPPipeline {folder}")
+    print(f"  base model          {summary['base_model']}")
+    print(f"  pruned at           {summary['resolution']} px (latent {summary['latent_size']}), "
+          f"text length {summary['text_length']}, budget {summary['budget']}")
+    print(f"  dense UNet          {dense / 1e9:.3f} GMACs per call")
+    print(f"  {'expert':<8}{'MACs fraction':>15}{'val. share':>12}{'fine-tuning steps':>19}")
+    for row in experts:
+        share = "-" if row["validation_share"] is None else f"{row['validation_share']:.1%}"
+        print(f"  {row['expert']:<8}{row['macs_fraction']:>15.3f}{share:>12}{str(row['finetune_steps']):>19}")
     return 0
 
 

@@ -26,7 +26,7 @@ from ..training.assign import SUMMARY_FILE, load_router, run_assign
 from ..training.base_model import WORLD, load_base_pipeline, model_identity
 from ..training.cache import copy_cache
 from ..training.checkpoint import OtherRunError, remove_outputs
-from ..training.finetune import FinetuneConfig, expert_folder, finetune_architecture, run_finetune
+from ..training.finetune import FinetuneConfig, expert_folder, finetune_architecture, pruned_at, run_finetune
 from ..training.prune import load_prune_config, run_prune
 from ..units import uniform_width_architecture
 from ..utils import APTPError, atomic_folder, write_json_atomic
@@ -174,7 +174,7 @@ def _finetune_single(config: DemoConfig, router_dir: Path, architecture: dict, m
     metadata = router.config.metadata
     finetune_architecture(metadata["base_model"], UnitOptions.from_dict(metadata["unit_options"]), architecture,
                           Path(config.output_dir) / "assign", rows, out, _finetune_config(config, steps),
-                          {"macs_fraction": macs_fraction})
+                          {"macs_fraction": macs_fraction, **pruned_at(metadata)})
 
 
 def _stage_settings(config: DemoConfig, upto: str) -> dict:

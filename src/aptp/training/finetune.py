@@ -98,6 +98,11 @@ class FinetuneConfig:
         return config_from_dict(cls, data)
 
 
+def pruned_at(metadata: dict) -> dict:
+    """What a router was pruned at, recorded beside each fine-tuned expert (for `aptp inspect`)."""
+    return {key: metadata[key] for key in ("resolution", "latent_size", "text_length") if key in metadata}
+
+
 def expert_folder(out: str | Path, expert: int) -> Path:
     return Path(out) / f"expert-{expert}"
 
@@ -152,7 +157,8 @@ def run_finetune(router_dir: str | Path, assign_dir: str | Path, expert: int, ou
     return finetune_architecture(metadata["base_model"], UnitOptions.from_dict(metadata["unit_options"]),
                                  experts["experts"][expert]["architecture"], assign_dir, rows,
                                  expert_folder(out, expert), config,
-                                 {"expert": expert, "macs_fraction": experts["experts"][expert]["macs_fraction"]},
+                                 {"expert": expert, "macs_fraction": experts["experts"][expert]["macs_fraction"],
+                                  **pruned_at(metadata)},
                                  overwrite, device)
 
 
