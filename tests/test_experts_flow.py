@@ -100,7 +100,8 @@ def test_full_flow_from_the_cli(tmp_path, capsys):
     assert [r["truncated"] for r in record["images"]] == [False, False, True]
     # --dtype: the same routing in bfloat16 (the router runs in the pipeline's dtype too).
     assert main(["generate", "--pipeline", str(tmp_path / "pipeline"), "--prompts-file", str(tmp_path / "prompts.txt"),
-                 "HI", "--steps", "2", "--output-dir", str(tmp_path / "bf16"), "--device", "cpu", "--dtype", "bf16"]) == 0
+                 "HI", "--steps", "2", "--output-dir", str(tmp_path / "bf16"), "--device", "cpu",
+                 "--dtype", "bf16"]) == 0
     half = json.loads((tmp_path / "bf16" / "routing.json").read_text())
     assert [r["expert"] for r in half["images"]] == [r["expert"] for r in record["images"]]
     assert main(["generate", "--pipeline", str(tmp_path / "pipeline"), "--out", str(tmp_path / "none")]) == 2

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .config import (
     DEFAULT_MAX_BATCH_SIZE,
+    DTYPES,
     MIXED_PRECISION_OF,
     HelpFormatter,
     add_device_arguments,
@@ -21,6 +22,7 @@ from .config import (
     non_negative_int,
     positive_int,
     resolve_device,
+    torch_dtype,
 )
 from .teacher.cli import add_teacher_parser
 from .utils import APTPError, check_output_folder, error_summary, read_json
@@ -233,7 +235,8 @@ def cmd_assign(args) -> int:
     from .training.assign import format_assign_summary, run_assign
 
     with quiet_loading():
-        summary = run_assign(args.router, args.out, args.data, args.size, device=resolve_device(args.device, args.dtype))
+        summary = run_assign(args.router, args.out, args.data, args.size,
+                             device=resolve_device(args.device, args.dtype))
     print(format_assign_summary(summary))
     print(f"shards and summary written to {args.out}")
     return 0
@@ -272,7 +275,7 @@ def cmd_export(args) -> int:
     check_output_folder(args.out)
     with quiet_loading():
         pipeline = build_pipeline(args.router, args.experts, args.allow_untrained_experts)
-    pipeline.to(dtype=resolve_device("cpu", args.dtype or "fp32")[1])
+    pipeline.to(dtype=torch_dtype(args.dtype or "fp32"))
     with atomic_folder(args.out) as folder:
         pipeline.save_pretrained(folder)
     print(f"APTPPipeline with {len(pipeline.experts)} experts written to {args.out}")
@@ -453,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     slicing.add_argument("--config", default="sd21", help="built-in config")
     slicing.add_argument("--latent", type=positive_int, default=64, help="latent size")
     slicing.add_argument("--batch", type=positive_int, default=1, help="batch size")
-    slicing.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights and inputs")
+    slicing.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights and inputs")
     slicing.add_argument("--device", default="cpu", help="torch device")
     slicing.add_argument("--targets", type=fraction, nargs="+", default=[0.8, 0.6, 0.4],
                          help="expert sizes as fractions of dense MACs")

@@ -10,7 +10,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 
 import yaml
 
-from .utils import APTPError
+from .utils import APTPError, error_summary
 
 DEFAULT_TEXT_LENGTH = 77  # CLIP token length used by Stable Diffusion pipelines
 DEFAULT_VAE_SCALE_FACTOR = 8  # SD VAEs map 8x8 pixels to one latent
@@ -142,10 +142,13 @@ MIXED_PRECISION_OF = {"torch.float32": "no", "torch.float16": "fp16", "torch.bfl
 
 
 def add_device_arguments(parser: argparse.ArgumentParser, device: bool = True) -> None:
-    """``--device`` and ``--dtype``: CUDA in fp16 when there is a GPU, else the CPU in fp32."""
+    """``--device`` and ``--dtype``: CUDA in fp16 when there is a GPU, else the CPU in fp32 (without
+    ``device``: only the dtype of saved weights, fp32 unless given)."""
     if device:
         parser.add_argument("--device", help="torch device, e.g. cuda, cuda:1, cpu (none: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=DTYPES, help="weights and activations (none: fp16 on CUDA, else fp32)")
+        parser.add_argument("--dtype", choices=DTYPES, help="weights and activations (none: fp16 on CUDA, else fp32)")
+    else:
+        parser.add_argument("--dtype", choices=DTYPES, help="of the saved weights (none: fp32)")
 
 
 def resolve_device(device: str | None = None, dtype: str | None = None):
@@ -157,16 +160,21 @@ def resolve_device(device: str | None = None, dtype: str | None = None):
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise APTPError(f"unknown device {device!r}; e.g. cuda, cuda:0, cpu") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise APTPError(f"device {device} asked for, but CUDA is not available on this machine")
-    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
-        raise APTPError(f"device {device} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
-    if dtype is None:
-        dtype = "fp16" if resolved.type == "cuda" else "fp32"
-    if dtype not in DTYPES:
-        raise APTPError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return resolved, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        raise APTPError(f"unknown device {device!r}; e.g. cuda, cuda:1, cpu, mps") from None
+    try:
+        torch.empty(0, device=resolved)  # the one check that holds for every backend
+    except Exception as error:  # no CUDA build, no such GPU
+        raise APTPError(f"device {device} asked for, but it is not available here ({error_summary(error)})") from None
+    return resolved, torch_dtype(dtype or ("fp16" if resolved.type == "cuda" else "fp32"))
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a ``--dtype`` name (fp32, fp16, bf16)."""
+    import torch
+
+    if name not in DTYPES:
+        raise APTPError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:

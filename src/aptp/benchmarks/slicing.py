@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..config import resolve_device
 from ..costs import count_parameters
 from ..families import unet2d_condition as fam
 from ..families.presets import PRESETS
 from ..units import uniform_width_architecture
-from ..utils import APTPError, error_summary
+from ..utils import APTPError
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOLERANCE = 0.05  # target: latency ratio <= MACs ratio + TOLERANCE
 
 
@@ -45,43 +45,28 @@ def _time_once(model, inputs, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _device(name: str) -> torch.device:
-    """``name`` as a device this machine has, or one line of error."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise APTPError(f"unknown device {name!r}; e.g. cpu, cuda, cuda:1, mps") from None
-    try:
-        torch.empty(0, device=device)
-    except Exception as error:  # e.g. no CUDA build, or no such GPU
-        raise APTPError(f"device {name!r} is not available here ({error_summary(error)})") from None
-    return device
-
-
 def run_slicing_benchmark(config: str = "sd21", latent: int = 64, batch: int = 1, dtype: str = "fp32",
                           device: str = "cpu", targets=(0.8, 0.6, 0.4), repeats: int = 5, warmup: int = 1,
                           seed: int = 0) -> list[Row]:
     if config not in PRESETS:
         raise APTPError(f"unknown config {config!r}; choose from {', '.join(PRESETS)}")
-    if dtype not in DTYPES:
-        raise APTPError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    dev, weights_dtype = resolve_device(device, dtype)
     if any(not 0 < t <= 1 for t in targets):
         raise APTPError(f"targets must lie in (0, 1], got {list(targets)}")
     if repeats < 1 or latent < 8 or batch < 1:
         raise APTPError("repeats and batch must be >= 1 and latent >= 8")
     preset = PRESETS[config]
-    dev = _device(device)
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     # Build directly in the benchmark dtype (half precision only where the device computes in it).
-    torch.set_default_dtype(DTYPES[dtype] if dev.type != "cpu" or dtype == "fp32" else torch.float32)
+    torch.set_default_dtype(weights_dtype if dev.type != "cpu" or dtype == "fp32" else torch.float32)
     try:
         with torch.device(dev):
             dense = fam.UNet2DConditionModel.from_config(preset.config)
     finally:
         torch.set_default_dtype(previous)
-    if next(dense.parameters()).dtype != DTYPES[dtype]:
-        dense = dense.to(DTYPES[dtype])
+    if next(dense.parameters()).dtype != weights_dtype:
+        dense = dense.to(weights_dtype)
     dense.eval()
     macs_model = fam.build_macs_model(dense, (latent, latent), preset.text_length)
     models = {"dense": dense}

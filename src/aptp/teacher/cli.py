@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import add_output_argument, add_overwrite_argument, config_from_dict, describe_keys, non_negative_float, parse_overrides, positive_int
+from ..config import (
+    add_output_argument,
+    add_overwrite_argument,
+    config_from_dict,
+    describe_keys,
+    non_negative_float,
+    parse_overrides,
+    positive_int,
+)
 from ..utils import APTPError, check_output_folder
 
 
