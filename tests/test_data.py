@@ -80,7 +80,7 @@ def test_encoded_cache_is_reused_only_for_the_same_source_and_leaves_the_global_
 
     def text(prompts):
         calls.append(len(prompts))
-        return torch.zeros(len(prompts), 2, 3)
+        return {"encoder_hidden_states": torch.zeros(len(prompts), 2, 3)}
 
     torch.manual_seed(1)
     first = encode_dataset(WorldImages(4), vae, text, tmp_path / "c.safetensors", source={"seed": 0})

@@ -4,12 +4,14 @@ import pytest
 import torch
 from conftest import make_sd2_pipeline
 
+from aptp.base_model import load_base_pipeline
+from aptp.config import UnitOptions
 from aptp.experts import APTPExpertBank
+from aptp.experts.run import PrunedFor
 from aptp.families import unet2d_condition as fam
 from aptp.pipelines import APTPPipeline
 from aptp.routing import PromptRouter
 from aptp.routing.encoder import PromptEncoder
-from aptp.training.base_model import load_base_pipeline
 from aptp.utils import APTPError
 
 PROMPTS = ["a red circle on a white background", 'the word "SUN" in white on a blue background',
@@ -23,14 +25,14 @@ def aptp_pipeline(tmp_path_factory):
     base = load_base_pipeline(str(make_sd2_pipeline(folder)))
     macs = fam.build_macs_model(base.unet, (8, 8), 16)
     torch.manual_seed(0)
+    pruned_for = PrunedFor(str(folder), fam.NAME, 64, (8, 8), 16, 0.6, UnitOptions(), macs.dense)
     router = PromptRouter(units=macs.layout.to_dict(), num_codes=3, prompt_dim=384, arch_dim=8, hidden_dim=16,
-                          hyper_hidden_dim=16, metadata={"base_model": str(folder), "budget": 0.6})
+                          hyper_hidden_dim=16, metadata=pruned_for.to_dict())
     with torch.no_grad():  # three clearly different experts, each the nearest code of one of the prompts
         router.hypernet[-1].weight.normal_(std=3.0)
         router.codes.copy_(router.embed(PromptEncoder().encode([PROMPTS[0], PROMPTS[1], PROMPTS[2]])))
     bank = APTPExpertBank.from_base(base.unet, router.expert_architectures(), macs, resolution=64)
-    return APTPPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                        scheduler=base.scheduler, router=router, experts=bank)
+    return APTPPipeline.around(base, router, bank)
 
 
 def _generate(pipeline, prompts, seeds):
@@ -48,21 +50,12 @@ def test_experts_differ_and_macs_are_reported(aptp_pipeline):
     assert out.macs_fraction == [fractions[k] for k in out.experts]
 
 
-def test_same_images_together_alone_or_shuffled(aptp_pipeline):
-    together = _generate(aptp_pipeline, PROMPTS, range(6)).images
-    alone = torch.cat([_generate(aptp_pipeline, [p], [i]).images for i, p in enumerate(PROMPTS)])
-    order = [3, 0, 5, 1, 4, 2]
-    shuffled = _generate(aptp_pipeline, [PROMPTS[i] for i in order], order).images
-    torch.testing.assert_close(alone, together, rtol=0, atol=1e-5)
-    torch.testing.assert_close(shuffled, together[order], rtol=0, atol=1e-5)
-
-
 def test_save_load_generates_identical_images(aptp_pipeline, tmp_path):
     aptp_pipeline.save_pretrained(tmp_path / "aptp")
     saved = {p.suffix for p in (tmp_path / "aptp").rglob("*") if p.is_file()}
     assert ".bin" not in saved and ".pkl" not in saved
     loaded = APTPPipeline.from_pretrained(tmp_path / "aptp")
-    assert loaded.router.config.metadata["budget"] == 0.6
+    assert loaded.pruned_for.budget == 0.6 and loaded.pruned_for.base_model == aptp_pipeline.pruned_for.base_model
     assert torch.equal(_generate(loaded, PROMPTS, range(6)).images, _generate(aptp_pipeline, PROMPTS, range(6)).images)
 
 
@@ -156,3 +149,35 @@ def test_world_teacher_experts_batch_independently(tmp_path):
     shuffled = _generate(pipeline, [PROMPTS[i] for i in order], order).images
     torch.testing.assert_close(alone, together.images, rtol=0, atol=1e-5)
     torch.testing.assert_close(shuffled, together.images[order], rtol=0, atol=1e-5)
+
+
+def test_feature_caching_and_solvers(aptp_pipeline):
+    from diffusers import UniPCMultistepScheduler
+
+    from aptp.pipelines.schedulers import scheduler_class, use_scheduler
+
+    def generate(pipeline, **kwargs):
+        return pipeline(PROMPTS[:2], num_inference_steps=4, output_type="pt",
+                        generator=[torch.Generator().manual_seed(i) for i in range(2)], **kwargs).images
+
+    plain = generate(aptp_pipeline)
+    assert torch.equal(generate(aptp_pipeline, cache_interval=1), plain), "no caching changes nothing"
+    cached = generate(aptp_pipeline, cache_interval=2)
+    assert cached.shape == plain.shape and not torch.equal(cached, plain)
+    assert torch.equal(generate(aptp_pipeline), plain), "the experts are restored after a cached call"
+    with pytest.raises(APTPError, match="cache_interval"):
+        generate(aptp_pipeline, cache_interval=0)
+
+    assert scheduler_class("unipc") is UniPCMultistepScheduler is scheduler_class("UniPCMultistepScheduler")
+    with pytest.raises(APTPError, match="unknown scheduler"):
+        scheduler_class("fastest")
+    original = aptp_pipeline.scheduler
+    try:
+        use_scheduler(aptp_pipeline, "dpm++")
+        assert type(aptp_pipeline.scheduler).__name__ == "DPMSolverMultistepScheduler"
+        assert aptp_pipeline.scheduler.config.prediction_type == original.config.prediction_type
+        assert type(aptp_pipeline.expert_pipeline(0).scheduler) is type(aptp_pipeline.scheduler)
+        solved = generate(aptp_pipeline)
+        assert solved.shape == plain.shape and not torch.equal(solved, plain)
+    finally:
+        aptp_pipeline.scheduler = original

@@ -156,7 +156,7 @@ def test_harder_prompts_get_the_bigger_expert(tmp_path):
     from safetensors.torch import load_file
 
     from aptp import world
-    from aptp.training.assign import load_router
+    from aptp.experts.run import load_run
 
     data = tmp_path / "data"
     data.mkdir()
@@ -176,7 +176,7 @@ def test_harder_prompts_get_the_bigger_expert(tmp_path):
     assert main(["prune", "--config", "world", "--output-dir", str(out), "--set", f"data={data}", "num_codes=2",
                  "steps=150", "warmup_steps=15", "train_size=1800", "val_size=200", "validate_every=0"]) == 0
     experts = json.loads((out / "router" / "experts.json").read_text())["experts"]
-    router, _ = load_router(out / "router")
+    router = load_run(out / "router").router
     cache = load_file(out / "cache" / "val.safetensors")
     prompts = json.loads((out / "cache" / "val.json").read_text())["prompts"]
     index = cache["prompt_index"]

@@ -1,44 +1,12 @@
 """Unit discovery, gates, slicing and the equivalence of hard-gated and sliced models."""
 
-import random
-
 import pytest
 import torch
 from conftest import make_unet, unet_inputs
+from families import random_architecture
 
 from aptp.config import UnitOptions
-from aptp.families import family_of
 from aptp.families import unet2d_condition as fam
-from aptp.units import UnitLayout
-
-
-def random_architecture(layout: UnitLayout, kinds, seed: int, skip_prob: float = 0.5):
-    """Prune a random non-empty subset of every unit of the given kinds; skip depth units at random."""
-    rng = random.Random(seed)
-    architecture = {}
-    for unit in layout:
-        if unit.kind not in kinds:
-            continue
-        if unit.is_depth:
-            architecture[unit.name] = [] if rng.random() < skip_prob else [0]
-        else:
-            keep = rng.randint(1, max(1, unit.count - 1))
-            architecture[unit.name] = sorted(rng.sample(range(unit.count), keep))
-    return architecture
-
-
-def gated_output(unet, layout, architecture, inputs):
-    controller = fam.attach_gates(unet)
-    try:
-        gates = layout.gates_from_architecture(architecture)
-        with torch.no_grad(), controller.use(gates):
-            return unet(**inputs).sample
-    finally:
-        controller.remove()
-
-
-def test_family_registry(tiny_unet):
-    assert family_of(tiny_unet) is fam
 
 
 def test_units_have_stable_names_and_sizes():
@@ -75,34 +43,6 @@ def test_open_gates_change_nothing_and_hooks_remove(tiny_unet):
     with torch.no_grad():
         after = tiny_unet(**inputs).sample
     assert torch.equal(gated, reference) and torch.equal(after, reference)
-
-
-@pytest.mark.parametrize("kinds", [("groups",), ("heads",), ("ff",), ("resnet", "transformer")])
-def test_hard_gates_equal_sliced_expert_per_kind(tiny_unet, kinds):
-    layout = fam.discover_units(tiny_unet)
-    architecture = random_architecture(layout, kinds, seed=3, skip_prob=1.0)
-    assert architecture, f"tiny config has no {kinds} units"
-    inputs = unet_inputs(tiny_unet)
-    gated = gated_output(tiny_unet, layout, architecture, inputs)
-    expert = fam.slice_unet(tiny_unet, architecture)
-    with torch.no_grad():
-        sliced = expert(**inputs).sample
-    torch.testing.assert_close(sliced, gated, rtol=0, atol=1e-5)
-    assert sum(p.numel() for p in expert.parameters()) < sum(p.numel() for p in tiny_unet.parameters())
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_hard_gates_equal_sliced_expert_random_mix(tiny_unet, seed):
-    layout = fam.discover_units(tiny_unet)
-    architecture = random_architecture(layout, ("groups", "heads", "ff", "resnet", "transformer"), seed)
-    inputs = unet_inputs(tiny_unet)
-    gated = gated_output(tiny_unet, layout, architecture, inputs)
-    with torch.no_grad():
-        sliced = fam.slice_unet(tiny_unet, architecture)(**inputs).sample
-    torch.testing.assert_close(sliced, gated, rtol=0, atol=1e-5)
-    with torch.no_grad():
-        dense = tiny_unet(**inputs).sample
-    assert (dense - sliced).abs().max() > 1e-3  # the pruning did change the function
 
 
 def test_per_sample_gates_and_guidance_doubling():

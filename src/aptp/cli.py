@@ -81,14 +81,14 @@ def cmd_inspect(args) -> int:
     published = family.build_macs_model(unet, (latent, latent), text_length, cross_attention_as_self=True).dense
     if args.json:
         print(json.dumps({
-            "model": source.description, "family": family.NAME, "parameters": params,
+            "model": source.description, "family": family.name, "parameters": params,
             "resolution": resolution, "latent": latent, "text_length": text_length,
             "macs": model.dense, "macs_without_attention_matmuls": model.dense - attention,
             "fixed_macs": model.fixed, "macs_cross_attention_as_self": published, "units": model.unit_table(),
         }, indent=2))
         return 0
     print(source.description)
-    print(f"  family              {family.NAME}")
+    print(f"  family              {family.name}")
     print(f"  parameters          {params / 1e6:.1f} M")
     print(f"  resolution          {resolution} px -> latent {latent}x{latent}, text length {text_length}")
     print(f"  MACs                {model.dense / 1e9:.1f} G  (FLOPs = 2 x MACs)")
@@ -106,19 +106,21 @@ def cmd_inspect(args) -> int:
 
 def _inspect_pipeline(folder: Path, as_json: bool) -> int:
     """An exported APTPPipeline, from its config files: what it was pruned at and its experts."""
+    from .experts.run import PrunedFor
     from .pipelines.aptp import check_pipeline_folder
 
     check_pipeline_folder(folder)
-    metadata = read_json(folder / "router" / "config.json").get("metadata", {})
+    pruned_for = PrunedFor.from_dict(read_json(folder / "router" / "config.json").get("metadata") or {},
+                                     str(folder / "router" / "config.json"))
     bank = read_json(folder / "experts" / "config.json")
     dense = bank.get("dense_macs") or 1.0
     shares = bank.get("expert_shares") or [None] * len(bank.get("expert_macs", []))
     steps = bank.get("expert_finetune_steps") or [None] * len(bank.get("expert_macs", []))
     experts = [{"expert": k, "macs": macs, "macs_fraction": macs / dense, "validation_share": shares[k],
                 "finetune_steps": steps[k]} for k, macs in enumerate(bank.get("expert_macs", []))]
-    summary = {"pipeline": str(folder), "base_model": metadata.get("base_model"), "budget": metadata.get("budget"),
-               "resolution": metadata.get("resolution"), "latent_size": metadata.get("latent_size"),
-               "text_length": metadata.get("text_length"), "dense_macs": dense, "experts": experts}
+    summary = {"pipeline": str(folder), "base_model": pruned_for.base_model, "budget": pruned_for.budget,
+               "resolution": pruned_for.resolution, "latent_size": list(pruned_for.latent_size),
+               "text_length": pruned_for.text_length, "dense_macs": dense, "experts": experts}
     if as_json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -245,7 +247,7 @@ def cmd_assign(args) -> int:
 def cmd_finetune(args) -> int:
     from .config import parse_overrides
     from .evaluation.demo import quiet_loading
-    from .training.assign import load_router
+    from .experts.run import load_run
     from .training.finetune import FinetuneConfig, read_shard, run_finetune
 
     overrides = parse_overrides(args.set)
@@ -256,7 +258,7 @@ def cmd_finetune(args) -> int:
     if args.all == (args.expert is not None):
         raise APTPError("give either --expert K or --all")
     check_output_folder(args.out)
-    experts = range(load_router(args.router)[0].num_codes) if args.all else [args.expert]
+    experts = range(load_run(args.router).router.num_codes) if args.all else [args.expert]
     for expert in experts:
         if args.all and not read_shard(args.assign, expert):
             print(f"expert {expert}: no prompts were routed to it; left as sliced")
@@ -308,6 +310,24 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
     return collected
 
 
+def scheduler_name(value: str) -> str:
+    from .pipelines.schedulers import scheduler_class
+
+    try:
+        scheduler_class(value)
+    except APTPError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
+def add_solver_arguments(parser) -> None:
+    parser.add_argument("--scheduler", type=scheduler_name, help="sampling solver: a diffusers scheduler class (e.g. UniPCMultistepScheduler) "
+                        "or ddim, dpm++, euler, euler-a, heun, unipc, pndm, ddpm (default: the pipeline's own)")
+    parser.add_argument("--cache-interval", type=positive_int,
+                        help="DeepCache: run the denoiser whole every N-th step, reuse its deep features in between "
+                             "(default 1: every step whole)")
+
+
 def cmd_generate(args) -> int:
     import torch
     from tqdm.auto import tqdm
@@ -315,6 +335,7 @@ def cmd_generate(args) -> int:
     from .evaluation.demo import quiet_loading
     from .imaging import save_image_atomic
     from .pipelines import APTPPipeline
+    from .pipelines.schedulers import use_scheduler
     from .utils import write_json_atomic
 
     prompts = read_prompts(args.prompts, args.prompts_file)
@@ -322,6 +343,7 @@ def cmd_generate(args) -> int:
     with quiet_loading():
         pipeline = APTPPipeline.from_pretrained(args.pipeline).to(*resolve_device(args.device, args.dtype))
     pipeline.set_progress_bar_config(disable=True)
+    use_scheduler(pipeline, args.scheduler)
     warn_untrained(pipeline, args.pipeline)
     limit = pipeline.tokenizer.model_max_length
     records = []
@@ -329,7 +351,8 @@ def cmd_generate(args) -> int:
         batch = prompts[start:start + args.batch_size]
         seeds = [args.seed + start + i for i in range(len(batch))]
         result = pipeline(batch, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                          generator=[torch.Generator().manual_seed(s) for s in seeds])
+                          generator=[torch.Generator().manual_seed(s) for s in seeds],
+                          cache_interval=args.cache_interval or 1)
         for i, (prompt, image) in enumerate(zip(batch, result.images)):
             tokens = len(pipeline.tokenizer(prompt).input_ids)
             file_name = f"{start + i:05d}.png"
@@ -339,7 +362,9 @@ def cmd_generate(args) -> int:
                             "truncated": tokens > limit})
     truncated = sum(r["truncated"] for r in records)
     write_json_atomic(out / "routing.json", {"pipeline": str(args.pipeline), "steps": args.steps,
-                                              "guidance_scale": args.guidance_scale, "images": records})
+                                              "guidance_scale": args.guidance_scale,
+                                              "scheduler": type(pipeline.scheduler).__name__,
+                                              "cache_interval": args.cache_interval or 1, "images": records})
     if truncated:
         print(f"warning: {truncated} prompt(s) exceed the text encoder's {limit} tokens and were truncated "
               "(see 'truncated' in routing.json)", file=sys.stderr)
@@ -401,6 +426,8 @@ def cmd_evaluate(args) -> int:
     settings = parse_overrides(args.set)
     if args.clip:
         settings["clip"] = args.clip
+    settings.update({key: getattr(args, key) for key in ("scheduler", "cache_interval")
+                     if getattr(args, key) is not None})
     config = EvalConfig.from_dict(settings)
     check_output_folder(args.out)
     with quiet_loading():
@@ -537,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance-scale", type=non_negative_float, default=4.0, help="classifier-free guidance")
     generate.add_argument("--seed", type=int, default=0, help="prompt i uses seed SEED + i")
     generate.add_argument("--batch-size", type=positive_int, default=32, help="prompts per pipeline call")
+    add_solver_arguments(generate)
     add_device_arguments(generate)
     generate.set_defaults(func=cmd_generate)
 
@@ -574,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--clip", help="a local CLIPModel folder for CLIP score and CMMD (none: both are skipped)")
     add_output_argument(evaluate, default="runs/evaluate", help="report folder")
     evaluate.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override options, e.g. per_category=16")
+    add_solver_arguments(evaluate)
     add_device_arguments(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 

@@ -37,7 +37,8 @@ def run_prune_step_benchmark(model: str = "world", batch_size: int = 32, repeats
             index = batch_index(step, batch_size, len(cache["prompt_index"]), seed, 0, 1)
             batch = noised_batch(cache, index, state.scheduler, scaling,
                                  sample_seeds(seed, batch_positions(step, batch_size, 0, 1)), "cpu")
-            loss = F.mse_loss(dense(batch["noisy"], batch["timesteps"], batch["text"]).sample, batch["target"])
+            prediction = state.family.denoise(dense, batch["noisy"], batch["timesteps"], batch["conditioning"])
+            loss = F.mse_loss(prediction, batch["target"])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..config import resolve_device
 from ..costs import count_parameters
-from ..families import unet2d_condition as fam
+from ..families import family_named
 from ..families.presets import PRESETS
 from ..units import uniform_width_architecture
 from ..utils import APTPError
@@ -56,26 +56,27 @@ def run_slicing_benchmark(config: str = "sd21", latent: int = 64, batch: int = 1
     if repeats < 1 or latent < 8 or batch < 1:
         raise APTPError("repeats and batch must be >= 1 and latent >= 8")
     preset = PRESETS[config]
+    family = family_named(preset.family)
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     # Build directly in the benchmark dtype (half precision only where the device computes in it).
     torch.set_default_dtype(weights_dtype if dev.type != "cpu" or dtype == "fp32" else torch.float32)
     try:
         with torch.device(dev):
-            dense = fam.UNet2DConditionModel.from_config(preset.config)
+            dense = family.denoiser_class.from_config(preset.config)
     finally:
         torch.set_default_dtype(previous)
     if next(dense.parameters()).dtype != weights_dtype:
         dense = dense.to(weights_dtype)
     dense.eval()
-    macs_model = fam.build_macs_model(dense, (latent, latent), preset.text_length)
+    macs_model = family.build_macs_model(dense, (latent, latent), preset.text_length)
     models = {"dense": dense}
     for target in targets:
         architecture = uniform_width_architecture(macs_model, target)
-        models[f"expert@{target:g}"] = fam.slice_unet(dense, architecture).eval()
-    macs = {name: fam.build_macs_model(m, (latent, latent), preset.text_length).dense for name, m in models.items()}
+        models[f"expert@{target:g}"] = family.slice(dense, architecture).eval()
+    macs = {name: family.build_macs_model(m, (latent, latent), preset.text_length).dense for name, m in models.items()}
 
-    inputs = fam.example_inputs(dense, (latent, latent), preset.text_length, batch=batch)
+    inputs = family.example_inputs(dense, (latent, latent), preset.text_length, batch=batch)
     seconds: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for _ in range(warmup):

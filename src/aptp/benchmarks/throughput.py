@@ -13,8 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import world
+from ..base_model import load_base_pipeline
 from ..pipelines import APTPPipeline
-from ..training.base_model import load_base_pipeline
 
 TARGET = 0.85  # speed-up >= TARGET / average MACs fraction
 
@@ -24,7 +24,7 @@ def run_throughput_benchmark(pipeline_dir: str, batch_size: int = 64, steps: int
     device, dtype = device or ("cpu", torch.float32)
     aptp = APTPPipeline.from_pretrained(pipeline_dir).to(device, dtype)
     aptp.set_progress_bar_config(disable=True)
-    dense = load_base_pipeline(aptp.router.config.metadata["base_model"], device, dtype)
+    dense = load_base_pipeline(aptp.pruned_for.base_model, device, dtype)
     prompts = [s.prompt for s in world.generate(batch_size, "test", seed=0)]
     aptp.route(prompts)  # load the prompt encoder outside the timed rounds
 

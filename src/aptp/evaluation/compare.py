@@ -15,18 +15,19 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
-from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from .. import world
 from ..config import config_from_dict
-from ..families import family_of
+from ..families import family_of, family_of_base
 from ..metrics.clip import CLIPEmbedder, clip_score, cmmd
 from ..metrics.fid import FrechetDistance
-from ..pipelines import APTPPipeline, pipeline_with_unet
+from ..caching import check_interval
+from ..pipelines import APTPPipeline
+from ..pipelines.schedulers import scheduler_class, use_scheduler
 from ..pipelines.build import base_config_differences
 from ..teacher.train import images_to_tensor
-from ..training.base_model import load_base_pipeline
+from ..base_model import load_base_pipeline
 from ..utils import APTPError
 from .report import write_report
 
@@ -41,6 +42,8 @@ class EvalConfig:
     latency_batch: int = 8
     latency_repeats: int = 5
     clip: str | None = None  # local CLIPModel folder for CLIP score and CMMD
+    scheduler: str | None = None  # sampling solver of every model (a diffusers class or alias); None: the base's
+    cache_interval: int = 1  # DeepCache: deep features reused between every N-th step (1: none)
 
     def __post_init__(self):
         for name in ("per_category", "steps", "batch_size", "latency_batch", "latency_repeats"):
@@ -48,6 +51,9 @@ class EvalConfig:
                 raise APTPError(f"evaluation {name} must be >= 1, got {getattr(self, name)}")
         if not float(self.guidance_scale) >= 0 or self.guidance_scale == float("inf"):
             raise APTPError(f"evaluation guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
+        check_interval(self.cache_interval)
+        if self.scheduler is not None:
+            scheduler_class(self.scheduler)
 
     @classmethod
     def from_dict(cls, data: dict) -> "EvalConfig":
@@ -66,24 +72,27 @@ class Candidate:
     route: Callable[[list[str]], list[int]] | None = None  # UNet index per prompt; None: the first UNet
 
 
-def single_unet_candidate(name: str, base: StableDiffusionPipeline, unet, macs_fraction: float) -> Candidate:
-    """A Stable Diffusion pipeline over one UNet (dense, or one sliced architecture)."""
-    pipeline = pipeline_with_unet(base, unet)
+def single_unet_candidate(name: str, base, unet, macs_fraction: float, scheduler: str | None = None,
+                          cache_interval: int = 1) -> Candidate:
+    """The base model's own pipeline over one denoiser (dense, or one sliced architecture)."""
+    family = family_of(unet)
+    pipeline = use_scheduler(family.pipeline_around(base, unet), scheduler)
 
     def generate(prompts, generators, steps, guidance):
-        images = pipeline(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                          output_type="pt").images
+        with family.feature_cache(unet, cache_interval):
+            images = pipeline(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                              output_type="pt").images
         return images.float().cpu(), [macs_fraction] * len(prompts), [0] * len(prompts)
 
     return Candidate(name, generate, [unet], sum(p.numel() for p in unet.parameters()))
 
 
-def mixture_candidate(name: str, pipeline) -> Candidate:
+def mixture_candidate(name: str, pipeline, cache_interval: int = 1) -> Candidate:
     """An ``APTPPipeline``: parameters of all experts; latency weighted by each expert's share of prompts."""
 
     def generate(prompts, generators, steps, guidance):
         result = pipeline(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                          output_type="pt")
+                          output_type="pt", cache_interval=cache_interval)
         return result.images.float().cpu(), result.macs_fraction, result.experts
 
     return Candidate(name, generate, list(pipeline.experts.experts),
@@ -91,7 +100,7 @@ def mixture_candidate(name: str, pipeline) -> Candidate:
 
 
 @torch.no_grad()
-def teacher_distance(candidates: list[Candidate], base: StableDiffusionPipeline, real: torch.Tensor,
+def teacher_distance(candidates: list[Candidate], base, real: torch.Tensor,
                      prompts: list[str], seed: int, batch_size: int) -> dict[str, list[float]]:
     """Per prompt, the MSE between each candidate's prediction and the dense teacher's on the real image's
     latents noised at one random training timestep (same noise and timestep for every candidate).
@@ -99,7 +108,9 @@ def teacher_distance(candidates: list[Candidate], base: StableDiffusionPipeline,
     It is what the pruning phase's distillation loss sees, so it tells which prompts are hard *for the
     objective*, which need not be the prompts that are hard by eye."""
     generator = torch.Generator().manual_seed(seed)
-    device, dtype = base.unet.device, base.unet.dtype
+    family = family_of_base(base)
+    dense = family.denoiser(base)
+    device, dtype = dense.device, dense.dtype
     distances: dict[str, list[float]] = {c.name: [] for c in candidates}
     routes = {c.name: c.route(prompts) if c.route else [0] * len(prompts) for c in candidates}
     for start in range(0, len(prompts), batch_size):
@@ -108,15 +119,17 @@ def teacher_distance(candidates: list[Candidate], base: StableDiffusionPipeline,
         timesteps = torch.randint(0, base.scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
         noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
         noisy = base.scheduler.add_noise(latents, noise, timesteps.to(device)).to(dtype)
-        text = base.encode_prompt(prompts[start:start + batch_size], device, 1, False)[0].to(dtype)
+        conditioning = {name: value.to(dtype) for name, value in
+                        family.encode_prompts(base, prompts[start:start + batch_size], device).items()}
         timesteps = timesteps.to(device)
-        reference = base.unet(noisy, timesteps, text).sample.float()
+        reference = family.denoise(dense, noisy, timesteps, conditioning).float()
         for candidate in candidates:
             index = torch.tensor(routes[candidate.name][start:start + batch_size])
             error = torch.empty(len(latents))
             for k in index.unique().tolist():
                 rows = (index == k).nonzero().flatten()
-                predicted = candidate.unets[k](noisy[rows], timesteps[rows], text[rows]).sample.float()
+                predicted = family.denoise(candidate.unets[k], noisy[rows], timesteps[rows],
+                                           {name: value[rows] for name, value in conditioning.items()}).float()
                 error[rows] = (predicted - reference[rows]).pow(2).flatten(1).mean(1).cpu()
             distances[candidate.name] += error.tolist()
     return distances
@@ -145,7 +158,7 @@ def _unet_latency(unets: list[torch.nn.Module], inputs: dict) -> list[float]:
 
 
 def evaluate_candidates(candidates: list[Candidate], config: EvalConfig, family, text_length: int,
-                        base: StableDiffusionPipeline | None = None):
+                        base=None):
     """Metrics of every candidate, plus the generated images and the test samples (for grids).
     With ``base`` (the dense pipeline), also each candidate's distance to the teacher by category."""
     samples = world.generate(config.per_category * len(world.CATEGORIES), "test", seed=config.seed)
@@ -227,7 +240,7 @@ def load_unet_folder(folder: str | Path, base_unet, family):
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise APTPError(f"{folder} is not a UNet folder (no config.json)")
-    unet = family.APTPUNet2DConditionModel.from_pretrained(folder).eval()
+    unet = family.sliced_class.from_pretrained(folder).eval()
     different = base_config_differences(unet, base_unet, family)
     if different:
         raise APTPError(f"{folder} was not carved from this base model (config differs in {different})")
@@ -250,16 +263,20 @@ def evaluate_folders(pipeline_dir: str | Path, unet_folders: Mapping[str, str | 
     mixture.set_progress_bar_config(disable=True)
     if untrained := mixture.experts.untrained():
         print(f"warning: expert(s) {', '.join(map(str, untrained))} of {pipeline_dir} were never fine-tuned")
-    metadata = mixture.router.config.metadata
-    base = load_base_pipeline(metadata["base_model"], device, dtype)
-    family = family_of(base.unet)
-    candidates = [single_unet_candidate("dense", base, base.unet, 1.0), mixture_candidate("APTP", mixture)]
-    size, text_length = tuple(metadata["latent_size"]), metadata["text_length"]
-    dense_macs = family.measure_macs(base.unet, size, text_length)
+    pruned_for = mixture.pruned_for
+    base = load_base_pipeline(pruned_for.base_model, device, dtype)
+    family = mixture.family
+    dense = family.denoiser(base)
+    use_scheduler(mixture, config.scheduler)
+    solver = {"scheduler": config.scheduler, "cache_interval": config.cache_interval}
+    candidates = [single_unet_candidate("dense", base, dense, 1.0, **solver),
+                  mixture_candidate("APTP", mixture, config.cache_interval)]
+    size, text_length = pruned_for.latent_size, pruned_for.text_length
+    dense_macs = family.measure_macs(dense, size, text_length)
     for name, folder in unet_folders.items():
-        unet = load_unet_folder(folder, base.unet, family).to(device, dtype)
+        unet = load_unet_folder(folder, dense, family).to(device, dtype)
         candidates.append(single_unet_candidate(name, base, unet, family.measure_macs(unet, size, text_length)
-                                                / dense_macs))
+                                                / dense_macs, **solver))
     if not config.clip:
         print("CLIP score and CMMD: skipped (no local CLIP folder given: `aptp evaluate --clip PATH`, "
               "`aptp demo --set evaluation.clip=PATH`)")

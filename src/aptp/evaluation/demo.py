@@ -19,14 +19,13 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from ..config import UnitOptions
-from ..families import family_of
+from ..base_model import WORLD, model_identity
+from ..experts.run import expert_folder, load_run
 from ..pipelines.build import build_pipeline
-from ..training.assign import SUMMARY_FILE, load_router, run_assign
-from ..training.base_model import WORLD, load_base_pipeline, model_identity
+from ..training.assign import SUMMARY_FILE, run_assign
 from ..training.cache import copy_cache
 from ..training.checkpoint import OtherRunError, remove_outputs
-from ..training.finetune import FinetuneConfig, expert_folder, finetune_architecture, pruned_at, run_finetune
+from ..training.finetune import FinetuneConfig, finetune_architecture, run_finetune
 from ..training.prune import load_prune_config, run_prune
 from ..units import uniform_width_architecture
 from ..utils import APTPError, atomic_folder, write_json_atomic
@@ -110,14 +109,11 @@ def _finetune_config(config: DemoConfig, steps: int | None = None) -> FinetuneCo
 
 
 def _baseline_architecture(kind: str, router_dir: Path, target: float, seed: int) -> dict:
-    router, _ = load_router(router_dir)
-    metadata = router.config.metadata
-    base = load_base_pipeline(metadata["base_model"])
-    family = family_of(base.unet)
-    options = UnitOptions.from_dict(metadata["unit_options"])
-    macs_model = family.build_macs_model(base.unet, tuple(metadata["latent_size"]), metadata["text_length"], options)
+    run = load_run(router_dir)
+    denoiser = run.family.denoiser(run.base_pipeline())
+    macs_model = run.macs_model(denoiser)
     if kind == "magnitude":
-        scores = family.element_magnitudes(base.unet, options)
+        scores = run.family.element_magnitudes(denoiser, run.pruned_for.unit_options)
     else:
         scores = torch.rand(macs_model.layout.num_elements, generator=torch.Generator().manual_seed(seed))
     architecture = uniform_width_architecture(macs_model, target, scores=scores)
@@ -150,9 +146,8 @@ def run_baselines(config: DemoConfig, stages: Stages | None = None) -> dict[str,
                     run_prune(prune)
                 except OtherRunError:
                     run_prune(prune, overwrite=True)
-                _, single = load_router(folder / "prune" / "router")
-                expert = single["experts"][0]
-                _finetune_single(config, router_dir, expert["architecture"], expert["macs_fraction"], all_rows,
+                expert = load_run(folder / "prune" / "router").experts[0]
+                _finetune_single(config, router_dir, expert.architecture, expert.macs_fraction, all_rows,
                                  folder / "model", steps)
         elif kind in ("magnitude", "random"):
             def train(folder=folder, kind=kind):
@@ -170,11 +165,8 @@ def run_baselines(config: DemoConfig, stages: Stages | None = None) -> dict[str,
 
 def _finetune_single(config: DemoConfig, router_dir: Path, architecture: dict, macs_fraction: float,
                      rows: list[int], out: Path, steps: int) -> None:
-    router, _ = load_router(router_dir)
-    metadata = router.config.metadata
-    finetune_architecture(metadata["base_model"], UnitOptions.from_dict(metadata["unit_options"]), architecture,
-                          Path(config.output_dir) / "assign", rows, out, _finetune_config(config, steps),
-                          {"macs_fraction": macs_fraction, **pruned_at(metadata)})
+    finetune_architecture(load_run(router_dir), architecture, Path(config.output_dir) / "assign", rows, out,
+                          _finetune_config(config, steps), {"macs_fraction": macs_fraction})
 
 
 def _stage_settings(config: DemoConfig, upto: str) -> dict:

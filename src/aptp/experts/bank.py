@@ -29,7 +29,7 @@ class APTPExpertBank(ModelMixin, ConfigMixin):
         # expert_finetune_steps: per expert, the fine-tuning steps it had (0: sliced as it is); () unknown.
         # expert_shares: per expert, the share of the pruning run's validation prompts routed to it; () unknown.
         super().__init__()
-        model_class = family_named(family).APTPUNet2DConditionModel
+        model_class = family_named(family).sliced_class
         base = family_named(family).base_config(base_config or {})
         self.experts = nn.ModuleList(model_class(**base, aptp_widths=dict(w)) for w in expert_widths)
 
@@ -51,10 +51,10 @@ class APTPExpertBank(ModelMixin, ConfigMixin):
                   options: UnitOptions | None = None, resolution: int = 0) -> "APTPExpertBank":
         """Slice every architecture out of ``unet`` (weights copied from it)."""
         family = family_of(unet)
-        experts = [family.slice_unet(unet, architecture, options) for architecture in architectures]
+        experts = [family.slice(unet, architecture, options) for architecture in architectures]
         macs = [macs_model.macs_of(a) for a in architectures]
         with torch.device("meta"):  # shapes only: the sliced experts below bring their weights
             bank = cls(base_config=dict(unet.config), expert_widths=[dict(e.config.aptp_widths) for e in experts],
-                       expert_macs=macs, dense_macs=macs_model.dense, family=family.NAME, resolution=resolution)
+                       expert_macs=macs, dense_macs=macs_model.dense, family=family.name, resolution=resolution)
         bank.experts = nn.ModuleList(experts)
         return bank.eval()

@@ -1,35 +1,52 @@
 """Model families: the only code that knows concrete diffusers architectures.
 
-A family is a module with the same functions (``discover_units``, ``attach_gates``, ``slice_unet``,
-``check_consistency``, ``build_macs_model``, ``measure_macs``, ``example_inputs``); adding one is one
-file plus one line in ``FAMILIES``.
+A family is a :class:`~aptp.families.base.ModelFamily` (its docstring is the contract); adding one is one
+file in this package plus one entry in ``FAMILIES``.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
-
 from torch import nn
 
 from ..utils import APTPError
-from . import unet2d_condition
+from .base import ModelFamily
+from .unet2d_condition import UNet2DConditionFamily
 
-FAMILIES: dict[str, tuple[type, ModuleType]] = {
-    unet2d_condition.NAME: (unet2d_condition.UNet2DConditionModel, unet2d_condition),
-}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (UNet2DConditionFamily(),)}
 
 
-def family_of(model: nn.Module) -> ModuleType:
-    """The family module that knows ``model``'s architecture."""
-    for model_class, family in FAMILIES.values():
-        if isinstance(model, model_class):
+def family_of(model: nn.Module) -> ModelFamily:
+    """The family that knows ``model``'s architecture."""
+    for family in FAMILIES.values():
+        if family.owns(model):
             return family
     raise APTPError(f"no aptp family knows {type(model).__name__}; supported: "
-                    + ", ".join(cls.__name__ for cls, _ in FAMILIES.values()))
+                    + ", ".join(family.denoiser_class.__name__ for family in FAMILIES.values()))
 
 
-def family_named(name: str) -> ModuleType:
+def family_named(name: str) -> ModelFamily:
     try:
-        return FAMILIES[name][1]
+        return FAMILIES[name]
     except KeyError:
         raise APTPError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}") from None
+
+
+def family_of_base(pipeline) -> ModelFamily:
+    """The family of a text-to-image pipeline (found by its denoiser)."""
+    for family in FAMILIES.values():
+        if family.owns(getattr(pipeline, family.denoiser_attribute, None)):
+            return family
+    raise APTPError(f"no aptp family knows the denoiser of a {type(pipeline).__name__}")
+
+
+def family_of_pipeline(class_name: str) -> ModelFamily:
+    """The family whose text-to-image pipeline class is named ``class_name`` (a ``model_index.json``'s
+    ``_class_name``)."""
+    for family in FAMILIES.values():
+        if family.pipeline_class.__name__ == class_name:
+            return family
+    raise APTPError(f"no aptp family serves a {class_name}; supported: "
+                    + ", ".join(family.pipeline_class.__name__ for family in FAMILIES.values()))
+
+
+__all__ = ["FAMILIES", "ModelFamily", "family_named", "family_of", "family_of_base", "family_of_pipeline"]

@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 import torch
 # ModelMixin is looked up by name in this module when a diffusers pipeline folder names
 # APTPUNet2DConditionModel as a component (e.g. a StableDiffusionPipeline saved with an expert as its UNet).
-from diffusers import ModelMixin, UNet2DConditionModel  # noqa: F401
+from diffusers import ModelMixin, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401
 from diffusers.models.activations import GEGLU, GELU, ApproximateGELU, LinearActivation, SwiGLU
 from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention, AttnProcessor
@@ -39,6 +39,7 @@ from ..gates import GateController, GateSite
 from ..slicing import check_layer_attributes, select_channels, slice_conv2d, slice_group_norm, slice_linear
 from ..units import Architecture, MacsModel, UnitLayout, UnitSpec
 from ..utils import APTPError
+from .base import ModelFamily
 
 NAME = "unet2d_condition"
 GLU_ACTIVATIONS = (GEGLU, SwiGLU)
@@ -454,6 +455,14 @@ def element_magnitudes(unet: nn.Module, options: UnitOptions | None = None) -> t
     return torch.cat(values)
 
 
+def deep_modules(unet: nn.Module) -> list[str]:
+    """Everything but the highest-resolution path (conv_in, the first down block, the last up block,
+    conv_out): what DeepCache reuses at its shallowest skip branch."""
+    down, up = len(unet.down_blocks), len(unet.up_blocks)
+    return ([f"down_blocks.{i}" for i in range(1, down)] + (["mid_block"] if unet.mid_block is not None else [])
+            + [f"up_blocks.{i}" for i in range(up - 1)])
+
+
 def feature_modules(unet: nn.Module) -> dict[str, nn.Module]:
     """The blocks whose outputs block-level distillation compares (down, mid and up blocks)."""
     modules = {f"down_blocks.{i}": block for i, block in enumerate(unet.down_blocks)}
@@ -605,3 +614,54 @@ def build_macs_model(unet: nn.Module, sample_size: tuple[int, int] | None = None
         sample_size=sample_size,
         text_length=text_length,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The family
+
+
+class UNet2DConditionFamily(ModelFamily):
+    """Stable Diffusion 1.x / 2.x: a ``UNet2DConditionModel`` conditioned on the text encoder's states."""
+
+    name = NAME
+    denoiser_class = UNet2DConditionModel
+    sliced_class = APTPUNet2DConditionModel
+    pipeline_class = StableDiffusionPipeline
+    denoiser_attribute = "unet"
+
+    discover_units = staticmethod(discover_units)
+    attach_gates = staticmethod(attach_gates)
+    slice = staticmethod(slice_unet)
+    check_consistency = staticmethod(check_consistency)
+    base_config = staticmethod(base_config)
+    element_magnitudes = staticmethod(element_magnitudes)
+    feature_modules = staticmethod(feature_modules)
+    deep_modules = staticmethod(deep_modules)
+    build_macs_model = staticmethod(build_macs_model)
+    measure_macs = staticmethod(measure_macs)
+    example_inputs = staticmethod(example_inputs)
+    default_sample_size = staticmethod(default_sample_size)
+
+    def load_pipeline(self, folder, device="cpu", dtype: torch.dtype = torch.float32):
+        try:
+            pipeline = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, feature_extractor=None,
+                                                               requires_safety_checker=False, dtype=dtype)
+        except Exception as error:
+            raise APTPError(f"cannot load a Stable Diffusion pipeline from {folder}: {error}") from None
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline.to(device)
+
+    def pipeline_around(self, components, denoiser: nn.Module):
+        pipeline = StableDiffusionPipeline(
+            vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer, unet=denoiser,
+            scheduler=type(components.scheduler).from_config(components.scheduler.config), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def encode_prompts(self, pipeline, prompts: list[str], device) -> dict[str, torch.Tensor]:
+        return {"encoder_hidden_states": pipeline.encode_prompt(prompts, device, 1, False)[0]}
+
+    def denoise(self, model: nn.Module, sample: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return model(sample, timesteps, conditioning["encoder_hidden_states"]).sample

@@ -1,5 +1,5 @@
 """Serving pipelines: ``APTPPipeline`` and how one is assembled from a router and its experts."""
 
-from .aptp import APTPPipeline, APTPPipelineOutput, pipeline_with_unet
+from .aptp import APTPPipeline, APTPPipelineOutput
 
-__all__ = ["APTPPipeline", "APTPPipelineOutput", "pipeline_with_unet"]
+__all__ = ["APTPPipeline", "APTPPipelineOutput"]

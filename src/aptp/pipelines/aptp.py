@@ -17,12 +17,15 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils import logging as diffusers_logging
 
+from ..caching import check_interval
 from ..config import DEFAULT_MAX_BATCH_SIZE
 from ..experts import APTPExpertBank
+from ..experts.run import PrunedFor
+from ..families import ModelFamily, family_named
 from ..imaging import to_pil
 from ..routing import PromptRouter
 from ..routing.encoder import PromptEncoder
@@ -32,27 +35,16 @@ logger = diffusers_logging.get_logger(__name__)
 
 
 @contextmanager
-def quiet_truncation():
-    """Stable Diffusion logs the whole cut-off part of a long prompt (hundreds of KB for a long caption);
+def quiet_truncation(family: ModelFamily):
+    """diffusers pipelines log the whole cut-off part of a long prompt (hundreds of KB for a long caption);
     :meth:`APTPPipeline.warn_truncated` says it in one line instead."""
-    sd_logger = logging.getLogger(StableDiffusionPipeline.__module__)
-    level = sd_logger.level
-    sd_logger.setLevel(logging.ERROR)
+    pipeline_logger = logging.getLogger(family.pipeline_class.__module__)
+    level = pipeline_logger.level
+    pipeline_logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        sd_logger.setLevel(level)
-
-
-def pipeline_with_unet(components, unet) -> StableDiffusionPipeline:
-    """A Stable Diffusion pipeline over ``unet`` sharing the VAE, text encoder and tokenizer of
-    ``components`` (any pipeline), with a fresh copy of its scheduler."""
-    pipeline = StableDiffusionPipeline(
-        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer, unet=unet,
-        scheduler=type(components.scheduler).from_config(components.scheduler.config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+        pipeline_logger.setLevel(level)
 
 
 @dataclass
@@ -116,6 +108,13 @@ class APTPPipeline(DiffusionPipeline):
         self._prompt_encoder = None
 
     @classmethod
+    def around(cls, base, router: PromptRouter, experts: APTPExpertBank) -> "APTPPipeline":
+        """The mixture over ``base`` (the base model's pipeline): its components except the denoiser, which the
+        experts replace."""
+        return cls(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, scheduler=base.scheduler,
+                   router=router, experts=experts)
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "APTPPipeline":
         """Load a folder written by :meth:`save_pretrained` (or a hub id). A missing, damaged or other kind
         of folder raises :class:`APTPError` with one line naming it."""
@@ -150,7 +149,7 @@ class APTPPipeline(DiffusionPipeline):
 
     def model_card(self) -> str:
         """A model card (Markdown): base model, budget, resolution, each expert's MACs and share, loading."""
-        metadata, bank = self.router.config.metadata, self.experts.config
+        pruned_for, bank = self.pruned_for, self.experts.config
         shares = bank.expert_shares or [None] * len(self.experts)
         steps = bank.expert_finetune_steps or [None] * len(self.experts)
         rows = "\n".join(
@@ -162,15 +161,15 @@ library_name: diffusers
 tags: [aptp, pruning, text-to-image]
 ---
 
-# APTP pipeline: {len(self.experts)} pruned experts of `{metadata.get('base_model')}`
+# APTP pipeline: {len(self.experts)} pruned experts of `{pruned_for.base_model}`
 
 A prompt router sends each prompt to one of {len(self.experts)} experts pruned from the base model's UNet
 (prompt-based pruning, APTP); prompts routed to the same expert are denoised together.
 
-- base model: `{metadata.get('base_model')}`
-- MACs budget: {metadata.get('budget')} of the dense UNet ({bank.dense_macs / 1e9:.3f} GMACs per UNet call at
-  {metadata.get('resolution')} px, {metadata.get('text_length')} text tokens)
-- resolution: {metadata.get('resolution')} px; prompt encoder of the router: `{self.router.config.prompt_encoder}`
+- base model: `{pruned_for.base_model}`
+- MACs budget: {pruned_for.budget} of the dense UNet ({bank.dense_macs / 1e9:.3f} GMACs per UNet call at
+  {pruned_for.resolution} px, {pruned_for.text_length} text tokens)
+- resolution: {pruned_for.resolution} px; prompt encoder of the router: `{self.router.config.prompt_encoder}`
 
 | expert | MACs fraction | GMACs per UNet call | share of validation prompts | fine-tuning steps |
 |---|---|---|---|---|
@@ -200,23 +199,35 @@ out.images, out.experts, out.macs_fraction
         embeddings = self.prompt_encoder.encode(prompts).to(self.router.device, self.router.dtype)
         return self.router.route(embeddings).tolist()
 
-    def expert_pipeline(self, index: int) -> StableDiffusionPipeline:
-        """A Stable Diffusion pipeline over expert ``index`` sharing this pipeline's components."""
-        return pipeline_with_unet(self, self.experts[index])
+    @property
+    def pruned_for(self) -> PrunedFor:
+        """What the router was pruned for: base model, resolution, text length, budget."""
+        return PrunedFor.from_dict(self.router.config.metadata or {})
+
+    @property
+    def family(self) -> ModelFamily:
+        return family_named(self.experts.config.family)
+
+    def expert_pipeline(self, index: int):
+        """The base model's own text-to-image pipeline over expert ``index``, sharing this pipeline's components."""
+        return self.family.pipeline_around(self, self.experts[index])
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
                  num_inference_steps: int = 25, guidance_scale: float = 4.0,
                  generator: torch.Generator | list[torch.Generator] | None = None, height: int | None = None,
                  width: int | None = None, output_type: str = "pil",
-                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> APTPPipelineOutput:
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, cache_interval: int = 1) -> APTPPipelineOutput:
         """Generate one image per prompt. Pass one generator per prompt for results that do not depend
         on which other prompts share the call. Each expert denoises its prompts in batches of at most
-        ``max_batch_size``, so memory does not grow with the number of prompts."""
+        ``max_batch_size``, so memory does not grow with the number of prompts. ``cache_interval`` N > 1
+        reuses each expert's deep features between every N-th step (DeepCache, :mod:`aptp.caching`);
+        1 computes every step whole."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise APTPError("prompt must be a non-empty string or a non-empty list of non-empty strings")
         self.check_settings(num_inference_steps, guidance_scale, height, width, output_type, max_batch_size)
+        check_interval(cache_interval)
         negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt] * len(prompts)
         generators = generator if isinstance(generator, list) else [generator] * len(prompts)
         if len(negatives) != len(prompts) or len(generators) != len(prompts):
@@ -228,13 +239,14 @@ out.images, out.experts, out.macs_fraction
         self.warn_truncated(prompts)
         routes = self.route(prompts)
         stacked = None  # one (N, C, H, W) tensor, filled chunk by chunk: no second copy of all images
-        with quiet_truncation():
+        with quiet_truncation(self.family):
             for expert in sorted(set(routes)):
                 routed = [i for i, r in enumerate(routes) if r == expert]
                 for start in range(0, len(routed), max_batch_size):
                     members = routed[start:start + max_batch_size]
-                    generated = self._generate(expert, members, prompts, negatives, negative_prompt, generators,
-                                               generator, num_inference_steps, guidance_scale, height, width)
+                    with self.family.feature_cache(self.experts[expert], cache_interval):
+                        generated = self._generate(expert, members, prompts, negatives, negative_prompt, generators,
+                                                   generator, num_inference_steps, guidance_scale, height, width)
                     if stacked is None:
                         stacked = torch.empty(len(prompts), *generated.shape[1:])
                     stacked[members] = generated

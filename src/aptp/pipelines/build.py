@@ -5,12 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import UnitOptions
 from ..experts import APTPExpertBank
-from ..families import family_of
-from ..training.assign import load_router
-from ..training.base_model import load_base_pipeline
-from ..training.finetune import expert_folder
+from ..experts.run import expert_folder, load_run
 from ..utils import APTPError, error_summary
 from .aptp import APTPPipeline
 
@@ -33,23 +29,20 @@ def build_pipeline(router_dir: str | Path, experts_dir: str | Path | None = None
     """
     if experts_dir is not None and not Path(experts_dir).is_dir():
         raise APTPError(f"no experts folder at {experts_dir}")
-    router, experts = load_router(router_dir)
-    metadata = router.config.metadata
-    base = load_base_pipeline(metadata["base_model"])
-    family = family_of(base.unet)
-    architectures = [{k: list(v) for k, v in e["architecture"].items()} for e in experts["experts"]]
-    options = UnitOptions.from_dict(metadata["unit_options"])
-    macs_model = family.build_macs_model(base.unet, tuple(metadata["latent_size"]), metadata["text_length"], options)
-    bank = APTPExpertBank.from_base(base.unet, architectures, macs_model, options, metadata["resolution"])
+    run = load_run(router_dir)
+    family, base = run.family, run.base_pipeline()
+    base_denoiser = family.denoiser(base)
+    bank = APTPExpertBank.from_base(base_denoiser, [e.architecture for e in run.experts], run.macs_model(base_denoiser),
+                                    run.pruned_for.unit_options, run.pruned_for.resolution)
     missing, steps = [], [0] * len(bank)
     for k in range(len(bank)):
         folder = expert_folder(experts_dir, k) if experts_dir else None
         if folder is not None and (folder / "config.json").is_file():
             try:
-                bank.experts[k] = family.APTPUNet2DConditionModel.from_pretrained(folder).eval()
+                bank.experts[k] = family.sliced_class.from_pretrained(folder).eval()
             except Exception as error:  # a damaged config or weights file
                 raise APTPError(f"{folder}: cannot load the expert ({error_summary(error)})") from None
-            different = base_config_differences(bank.experts[k], base.unet, family)
+            different = base_config_differences(bank.experts[k], base_denoiser, family)
             if different:
                 raise APTPError(f"{folder} was not carved from this router's base model (config differs in "
                                 f"{different})")
@@ -68,6 +61,5 @@ def build_pipeline(router_dir: str | Path, experts_dir: str | Path | None = None
     if missing:
         print(f"note: expert(s) {', '.join(map(str, missing))} not fine-tuned; sliced from the base model as they are")
     bank.register_to_config(expert_finetune_steps=steps,
-                            expert_shares=[float(e.get("val_share", 0.0)) for e in experts["experts"]])
-    return APTPPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                        scheduler=base.scheduler, router=router, experts=bank)
+                            expert_shares=[e.val_share for e in run.experts])
+    return APTPPipeline.around(base, run.router, bank)

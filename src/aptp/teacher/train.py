@@ -18,7 +18,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from .. import world
 from ..data import WorldImages
-from ..training.cache import EMPTY_PROMPT_INDEX, encode_dataset
+from ..families import family_of_base
+from ..training.cache import EMPTY_PROMPT_INDEX, conditioning_of, encode_dataset
 from ..training.checkpoint import (
     check_same_settings,
     refuse_other_settings,
@@ -193,6 +194,7 @@ def train_unet(out: str | Path, vae_path: str | Path, config: UNetTrainConfig | 
     unet = _initial_unet(config).train()
     ema = copy.deepcopy(unet).requires_grad_(False).eval()
     pipeline = assemble_pipeline(vae, ema, build_scheduler(), text_encoder, tokenizer)
+    family = family_of_base(pipeline)
     noise_scheduler = training_scheduler(pipeline.scheduler)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=1e-2)
     modules = {"unet": unet, "ema": ema}
@@ -202,7 +204,7 @@ def train_unet(out: str | Path, vae_path: str | Path, config: UNetTrainConfig | 
         start = resumed[1]["step"]
     scaling = vae.config.scaling_factor
     cache = encode_dataset(WorldImages(config.dataset_size, "train", config.seed), vae,
-                           lambda prompts: pipeline.encode_prompt(prompts, "cpu", 1, False)[0],
+                           lambda prompts: family.encode_prompts(pipeline, prompts, "cpu"),
                            out / "world-cache.safetensors",
                            source={"data": "world", "split": "train", "size": config.dataset_size, "seed": config.seed,
                                    "vae": identity["vae"]})
@@ -219,13 +221,13 @@ def train_unet(out: str | Path, vae_path: str | Path, config: UNetTrainConfig | 
         latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
         dropped = torch.rand(len(index), generator=generator) < config.caption_dropout
         prompt_index = torch.where(dropped, EMPTY_PROMPT_INDEX, cache["prompt_index"][index])
-        text_states = cache["text_states"][prompt_index].float()
+        conditioning = conditioning_of(cache, prompt_index, "cpu")
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
             noise_scheduler.get_velocity(latents, noise, timesteps)
-        loss = F.mse_loss(unet(noisy, timesteps, text_states).sample, target)
+        loss = F.mse_loss(family.denoise(unet, noisy, timesteps, conditioning), target)
         for group in optimizer.param_groups:
             group["lr"] = warmup_cosine_lr(config.lr, step, config.warmup, config.steps)
         optimizer.zero_grad(set_to_none=True)

@@ -12,38 +12,15 @@ from pathlib import Path
 
 import torch
 
-from ..routing import PromptRouter
+from ..experts.run import load_run
 from ..routing.encoder import PromptEncoder
-from ..utils import APTPError, check_output_folder, error_summary, read_json, write_json_atomic
-from .base_model import load_base_pipeline, model_identity
+from ..utils import check_output_folder, write_json_atomic
+from ..base_model import model_identity
 from .cache import copy_cache, data_source, encode_dataset
 from .common import make_datasets
 
 CACHE_FILE = "cache.safetensors"
 SUMMARY_FILE = "summary.json"
-
-
-def load_router(folder: str | Path) -> tuple[PromptRouter, dict]:
-    """A trained router and its ``experts.json`` (architectures and MACs of every expert)."""
-    folder = Path(folder)
-    experts_file = folder / "experts.json"
-    if not experts_file.is_file():
-        raise APTPError(f"{folder} is not a trained router folder (no experts.json); run `aptp prune` first")
-    experts = read_json(experts_file)
-    listed = experts.get("experts") if isinstance(experts, dict) else None
-    if not isinstance(listed, list) or not all(isinstance(e, dict) and isinstance(e.get("architecture"), dict)
-                                               and "macs_fraction" in e for e in listed):
-        raise APTPError(f"{experts_file} is damaged: it does not list the experts `aptp prune` writes")
-    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
-        if not (folder / name).is_file():
-            raise APTPError(f"{folder} is not a trained router folder (no {name}); run `aptp prune` again")
-    try:
-        router = PromptRouter.from_pretrained(folder).eval()
-    except Exception as error:  # a damaged config or weights file
-        raise APTPError(f"{folder}: cannot load the router ({error_summary(error)})") from None
-    if len(listed) != router.num_codes:
-        raise APTPError(f"{experts_file} lists {len(listed)} experts but the router has {router.num_codes} codes")
-    return router, experts
 
 
 def shard_file(folder: str | Path, expert: int) -> Path:
@@ -54,31 +31,30 @@ def run_assign(router_dir: str | Path, out: str | Path, data: str | None = None,
                seed: int | None = None, device: tuple | None = None) -> dict:
     """Route a dataset (default: the router's own training data) and write shards + ``summary.json``.
     ``device``: (torch device, dtype) of the encoding (default: the CPU in fp32)."""
-    router, experts = load_router(router_dir)
+    run = load_run(router_dir)
+    router, pruned_for, family = run.router, run.pruned_for, run.family
     out = check_output_folder(out)
-    trained = experts["config"]
+    trained = run.config
     data = data or trained["data"]
     size = size or trained["train_size"]
     seed = trained["seed"] if seed is None else seed
-    metadata = router.config.metadata
-    dataset, _ = make_datasets(data, size, 1, metadata["resolution"], seed)  # bad data fails before loading
-    pipeline = load_base_pipeline(metadata["base_model"], *(device or ("cpu", torch.float32)))
+    dataset, _ = make_datasets(data, size, 1, pruned_for.resolution, seed)  # bad data fails before loading
+    pipeline = run.base_pipeline(*(device or ("cpu", torch.float32)))
     encoder = PromptEncoder(router.config.prompt_encoder, pipeline.device)
     if (data, size, seed) == (trained["data"], trained["train_size"], trained["seed"]):
         # Routing the router's own training data: start from the cache the pruning run already encoded.
         copy_cache(Path(router_dir).parent / "cache" / "train.safetensors", out / CACHE_FILE)
-    cache = encode_dataset(dataset, pipeline.vae, lambda p: pipeline.encode_prompt(p, pipeline.device, 1, False)[0],
+    cache = encode_dataset(dataset, pipeline.vae, lambda p: family.encode_prompts(pipeline, p, pipeline.device),
                            out / CACHE_FILE, encoder.encode,
-                           source=data_source(metadata["base_model"], model_identity(metadata["base_model"]), data,
-                                              dataset, metadata["resolution"], seed, router.config.prompt_encoder,
-                                              "train"))
+                           source=data_source(run.base_model, model_identity(run.base_model), data, dataset,
+                                              pruned_for.resolution, seed, router.config.prompt_encoder, "train"))
     with torch.no_grad():
         prompt_routes = router.route(cache["prompt_embeddings"])
     routes = prompt_routes[cache["prompt_index"]].tolist()
-    fractions = [e["macs_fraction"] for e in experts["experts"]]
+    fractions = [e.macs_fraction for e in run.experts]
     categories = cache["categories"]
     summary = {"router": str(router_dir), "data": data, "size": size, "seed": seed, "samples": len(routes),
-               "skipped_images": int(cache["skipped"]), "budget": experts["budget"], "experts": []}
+               "skipped_images": int(cache["skipped"]), "budget": pruned_for.budget, "experts": []}
     for k in range(router.num_codes):
         rows = [i for i, r in enumerate(routes) if r == k]
         write_json_atomic(shard_file(out, k), {"expert": k, "rows": rows,

@@ -1,5 +1,6 @@
-"""Encode a captioned dataset once: VAE latent distributions, text-encoder states and (optionally)
-sentence embeddings per distinct prompt, cached in one safetensors file.
+"""Encode a captioned dataset once: VAE latent distributions, the denoiser's conditioning (the family's
+:meth:`~aptp.families.base.ModelFamily.encode_prompts`) and (optionally) sentence embeddings per distinct
+prompt, cached in one safetensors file.
 
 Training steps then only index tensors; no image decoding, VAE or text encoder on the hot path.
 """
@@ -19,6 +20,13 @@ from ..data import collate
 from ..utils import APTPError, ordinary_permissions, write_json_atomic
 
 EMPTY_PROMPT_INDEX = 0  # the empty prompt (classifier-free guidance) is always entry 0
+CONDITIONING = "conditioning."  # prefix of the cached conditioning tensors
+
+
+def conditioning_of(cache: dict, prompt_rows: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    """The cached conditioning of the prompts ``prompt_rows`` (indices into the prompt list), in float32."""
+    return {key[len(CONDITIONING):]: value[prompt_rows].float().to(device)
+            for key, value in cache.items() if key.startswith(CONDITIONING)}
 
 
 def data_source(model: str, model_identity: dict, data: str, dataset, resolution: int, seed: int,
@@ -57,11 +65,12 @@ def copy_cache(source_file: str | Path, target_file: str | Path) -> bool:
 
 
 @torch.no_grad()
-def encode_dataset(dataset, vae, encode_text: Callable[[list[str]], torch.Tensor], cache_file: str | Path,
+def encode_dataset(dataset, vae, encode_prompts: Callable[[list[str]], dict[str, torch.Tensor]], cache_file: str | Path,
                    encode_sentences: Callable[[list[str]], torch.Tensor] | None = None,
                    batch_size: int = 64, source: dict | None = None) -> dict[str, torch.Tensor]:
     """Tensors: ``latent_mean``/``latent_std`` (N, C, h, w), ``prompt_index`` (N,), ``dataset_index``
-    (N,), ``text_states`` (P, L, D) fp16 and, with ``encode_sentences``, ``prompt_embeddings`` (P, E);
+    (N,), ``conditioning.NAME`` (P, ...) fp16 for every tensor ``encode_prompts`` gives and, with
+    ``encode_sentences``, ``prompt_embeddings`` (P, E);
     lists (kept in a JSON file beside the tensors): ``prompts`` (P) and ``categories`` (N).
     Unreadable images are dropped (``skipped`` holds their count). A cache of the same length and the same
     ``source`` (what the data and encoders are, e.g. data path, size, seed, model) is reused.
@@ -72,7 +81,8 @@ def encode_dataset(dataset, vae, encode_text: Callable[[list[str]], torch.Tensor
     if cache_file.is_file() and text_file.is_file():
         cache = load_file(cache_file)
         texts = json.loads(text_file.read_text())
-        if int(cache["requested"]) == len(dataset) and texts.pop("source", {}) == source:
+        if (int(cache["requested"]) == len(dataset) and texts.pop("source", {}) == source
+                and any(key.startswith(CONDITIONING) for key in cache)):
             return {**cache, **texts}
     # Its own generator: iterating a DataLoader otherwise draws from the global RNG, so whether a cache
     # existed would change everything seeded after it.
@@ -99,10 +109,12 @@ def encode_dataset(dataset, vae, encode_text: Callable[[list[str]], torch.Tensor
         "latent_std": torch.cat(stds).contiguous(),
         "prompt_index": torch.tensor(prompt_index),
         "dataset_index": torch.cat(dataset_index),
-        "text_states": torch.cat([encode_text(c).float().cpu() for c in chunks]).half().contiguous(),
         "requested": torch.tensor(len(dataset)),
         "skipped": torch.tensor(skipped),
     }
+    encoded = [encode_prompts(c) for c in chunks]
+    for name in encoded[0]:
+        cache[CONDITIONING + name] = torch.cat([e[name].float().cpu() for e in encoded]).half().contiguous()
     if encode_sentences is not None:
         cache["prompt_embeddings"] = torch.cat([encode_sentences(c).float().cpu() for c in chunks]).contiguous()
     texts = {"prompts": ordered, "categories": categories}

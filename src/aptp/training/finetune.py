@@ -22,13 +22,12 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 from torch import nn
 
-from ..config import UnitOptions, config_from_dict
-from ..families import family_of
+from ..base_model import load_base_pipeline, model_identity
+from ..config import config_from_dict
+from ..experts.run import PrunedRun, expert_folder, load_run
 from ..imaging import comparison_grid, save_image_atomic, to_pil
-from ..pipelines.aptp import pipeline_with_unet
 from ..utils import APTPError, atomic_folder, check_output_folder, error_summary, read_json, write_json_atomic
-from .assign import CACHE_FILE, load_router, shard_file
-from .base_model import load_base_pipeline, model_identity
+from .assign import CACHE_FILE, shard_file
 from .checkpoint import check_same_settings, refuse_other_settings, remove_outputs, resume_checkpoint, save_checkpoint
 from .common import (
     MIXED_PRECISION,
@@ -98,15 +97,6 @@ class FinetuneConfig:
         return config_from_dict(cls, data)
 
 
-def pruned_at(metadata: dict) -> dict:
-    """What a router was pruned at, recorded beside each fine-tuned expert (for `aptp inspect`)."""
-    return {key: metadata[key] for key in ("resolution", "latent_size", "text_length") if key in metadata}
-
-
-def expert_folder(out: str | Path, expert: int) -> Path:
-    return Path(out) / f"expert-{expert}"
-
-
 def read_shard(assign_dir: str | Path, expert: int) -> list[int]:
     """The cache rows ``aptp assign`` routed to ``expert``."""
     shard = shard_file(assign_dir, expert)
@@ -147,27 +137,25 @@ def run_finetune(router_dir: str | Path, assign_dir: str | Path, expert: int, ou
     """Fine-tune expert ``expert`` on its shard; writes ``OUT/expert-K`` (``save_pretrained``) and returns it.
     A run with other settings, base model or shard in the way is refused unless ``overwrite``. ``device``
     "cpu" keeps it on the CPU; otherwise Accelerate picks the GPU of this process when there is one."""
-    router, experts = load_router(router_dir)
-    if not 0 <= expert < router.num_codes:
-        raise APTPError(f"expert must be in [0, {router.num_codes}), got {expert}")
+    run = load_run(router_dir)
+    if not 0 <= expert < run.router.num_codes:
+        raise APTPError(f"expert must be in [0, {run.router.num_codes}), got {expert}")
     rows = read_shard(assign_dir, expert)
     if not rows:
         raise APTPError(f"no prompts were routed to expert {expert}; nothing to fine-tune it on")
-    metadata = router.config.metadata
-    return finetune_architecture(metadata["base_model"], UnitOptions.from_dict(metadata["unit_options"]),
-                                 experts["experts"][expert]["architecture"], assign_dir, rows,
-                                 expert_folder(out, expert), config,
-                                 {"expert": expert, "macs_fraction": experts["experts"][expert]["macs_fraction"],
-                                  **pruned_at(metadata)},
-                                 overwrite, device)
+    plan = run.experts[expert]
+    return finetune_architecture(run, plan.architecture, assign_dir, rows, expert_folder(out, expert), config,
+                                 {"expert": expert, "macs_fraction": plan.macs_fraction}, overwrite, device)
 
 
-def finetune_architecture(base_model: str, options: UnitOptions, architecture: dict, assign_dir: str | Path,
-                          rows: list[int], out: Path, config: FinetuneConfig | None = None,
-                          info: dict | None = None, overwrite: bool = False, device=None) -> Path:
-    """Slice ``architecture`` from the base UNet and fine-tune it on ``rows`` of the encoded dataset in
-    ``assign_dir``; writes the model to ``out`` (``save_pretrained``, atomically) and returns it."""
+def finetune_architecture(run: PrunedRun, architecture: dict, assign_dir: str | Path, rows: list[int], out: Path,
+                          config: FinetuneConfig | None = None, info: dict | None = None, overwrite: bool = False,
+                          device=None) -> Path:
+    """Slice ``architecture`` from the run's base denoiser and fine-tune it on ``rows`` of the encoded dataset
+    in ``assign_dir``; writes the model to ``out`` (``save_pretrained``, atomically) and returns it."""
     config = config or FinetuneConfig()
+    base_model, options, family = run.base_model, run.pruned_for.unit_options, run.family
+    info = {**(info or {}), **run.pruned_for.pruned_at()}
     out = check_output_folder(out)
     cache, prompts = load_assigned_cache(assign_dir, base_model)  # bad input fails before the model loads
     if max(rows, default=0) >= len(cache["latent_mean"]):
@@ -186,13 +174,12 @@ def finetune_architecture(base_model: str, options: UnitOptions, architecture: d
                               log_with="tensorboard", project_dir=str(out.parent))
     set_seed(config.seed)
     pipeline = load_base_pipeline(base_model, accelerator.device)
-    teacher = pipeline.unet.eval().requires_grad_(False)
+    teacher = family.denoiser(pipeline).eval().requires_grad_(False)
     architecture = {k: list(v) for k, v in architecture.items()}
-    student = family_of(teacher).slice_unet(teacher, architecture, options).train().requires_grad_(True)
+    student = family.slice(teacher, architecture, options).train().requires_grad_(True)
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     student, optimizer = accelerator.prepare(student, optimizer)
-    family = family_of(teacher)
     teacher_blocks = BlockRecorder(family.feature_modules(teacher))
     student_blocks = BlockRecorder(family.feature_modules(accelerator.unwrap_model(student)))
     ema = EMAModel(student.parameters(), decay=config.ema_decay) if config.ema_decay else None
@@ -220,8 +207,8 @@ def finetune_architecture(base_model: str, options: UnitOptions, architecture: d
         seeds = sample_seeds(config.seed, batch_positions(step, config.batch_size, rank, world))
         batch = noised_batch(cache, picked, scheduler, scaling, seeds, device)
         with torch.no_grad():
-            dense = teacher(batch["noisy"], batch["timesteps"], batch["text"]).sample
-        predicted = student(batch["noisy"], batch["timesteps"], batch["text"]).sample
+            dense = family.denoise(teacher, batch["noisy"], batch["timesteps"], batch["conditioning"])
+        predicted = family.denoise(student, batch["noisy"], batch["timesteps"], batch["conditioning"])
         ddpm, distill, blocks = task_losses(scheduler, batch, predicted, dense, student_blocks.take(),
                                             teacher_blocks.take(), config.min_snr_gamma, config.normalize_blocks)
         loss = config.lambda_ddpm * ddpm + config.lambda_distill * distill + config.lambda_blocks * blocks
@@ -250,7 +237,7 @@ def finetune_architecture(base_model: str, options: UnitOptions, architecture: d
         unet = accelerator.unwrap_model(student).eval()
         images = {}
         for name, model in (("dense", teacher), (out.name, unet)):
-            images[name] = to_pil(pipeline_with_unet(pipeline, model)(
+            images[name] = to_pil(family.pipeline_around(pipeline, model)(
                 expert_prompts, num_inference_steps=config.validation_steps, output_type="pt",
                 generator=[torch.Generator().manual_seed(i) for i in range(len(expert_prompts))]).images)
         unet.train()
@@ -272,7 +259,7 @@ def finetune_architecture(base_model: str, options: UnitOptions, architecture: d
             ema.copy_to(final.parameters())
         with atomic_folder(out) as folder:
             final.save_pretrained(folder)
-            write_json_atomic(folder / "aptp_expert.json", {**(info or {}), "samples": len(rows),
+            write_json_atomic(folder / "aptp_expert.json", {**info, "samples": len(rows),
                                                             "config": asdict(config)})
         if config.validation_prompts:
             validate(config.steps)

@@ -30,8 +30,10 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from ..base_model import load_base_pipeline, model_identity
 from ..config import UnitOptions, config_from_dict
-from ..families import family_of
+from ..experts.run import PrunedFor
+from ..families import ModelFamily, family_of_base
 from ..routing import (
     PromptRouter,
     assignment_loss,
@@ -46,7 +48,6 @@ from ..routing.encoder import DEFAULT_PROMPT_ENCODER, PromptEncoder
 from ..routing.router import width_floors
 from ..units import UnitLayout, uniform_width_architecture
 from ..utils import APTPError, atomic_folder, write_json_atomic
-from .base_model import load_base_pipeline, model_identity
 from .cache import data_source, encode_dataset, save_tensors_atomic
 from .checkpoint import (
     check_same_settings,
@@ -222,7 +223,8 @@ class PruneState:
 
     accelerator: Accelerator
     pipeline: object
-    unet: torch.nn.Module
+    family: ModelFamily
+    unet: torch.nn.Module  # the base denoiser, gated
     controller: object
     macs_model: object
     router: PromptRouter
@@ -243,10 +245,11 @@ def prepare(config: PruneConfig) -> PruneState:
                               project_dir=config.output_dir)
     set_seed(config.seed)
     pipeline = load_base_pipeline(config.model, accelerator.device)
-    unet = pipeline.unet.eval().requires_grad_(False)
-    pipeline.vae.requires_grad_(False)
-    pipeline.text_encoder.requires_grad_(False)
-    family = family_of(unet)
+    family = family_of_base(pipeline)
+    for component in pipeline.components.values():  # the base model is frozen: only the router learns
+        if isinstance(component, torch.nn.Module):
+            component.requires_grad_(False)
+    unet = family.denoiser(pipeline).eval().requires_grad_(False)
     options = UnitOptions(ff_chunks=config.ff_chunks, depth=config.depth)
     scale = pipeline.vae_scale_factor
     sample = unet.config.sample_size
@@ -254,7 +257,7 @@ def prepare(config: PruneConfig) -> PruneState:
     if resolution % scale:
         raise APTPError(f"resolution {resolution} is not a multiple of the VAE scale factor {scale}")
     latent_size = (resolution // scale, resolution // scale)
-    text_length = config.text_length or pipeline.tokenizer.model_max_length
+    text_length = config.text_length or family.text_length(pipeline)
     macs_model = family.build_macs_model(unet, latent_size, text_length, options)
     controller = family.attach_gates(unet, options)
 
@@ -267,29 +270,26 @@ def prepare(config: PruneConfig) -> PruneState:
                 "val": val_set.identity()}
     refuse_other_settings(out / "checkpoint", asdict(config), identity=identity)
 
-    def text_states(prompts):
-        return pipeline.encode_prompt(prompts, accelerator.device, 1, False)[0]
+    def conditioning(prompts):
+        return family.encode_prompts(pipeline, prompts, accelerator.device)
 
     def source(split: str, dataset) -> dict:
         return data_source(config.model, identity["base_model"], config.data, dataset, resolution, config.seed,
                            config.prompt_encoder, split)
 
     with accelerator.main_process_first():
-        train = encode_dataset(train_set, pipeline.vae, text_states, out / "cache" / "train.safetensors",
+        train = encode_dataset(train_set, pipeline.vae, conditioning, out / "cache" / "train.safetensors",
                                encoder.encode, source=source("train", train_set))
         # The validation records of a dataset follow its training records: their source names both sizes.
-        val = encode_dataset(val_set, pipeline.vae, text_states, out / "cache" / "val.safetensors", encoder.encode,
+        val = encode_dataset(val_set, pipeline.vae, conditioning, out / "cache" / "val.safetensors", encoder.encode,
                              source=source(f"val after {config.train_size}", val_set))
     router = PromptRouter(
         units=macs_model.layout.to_dict(), num_codes=config.num_codes, prompt_dim=encoder.dim,
         arch_dim=config.arch_dim, hidden_dim=config.hidden_dim, hyper_hidden_dim=config.hyper_hidden_dim,
         gate_offset=config.gate_offset, score_temperature=config.score_temperature,
         prompt_encoder=config.prompt_encoder,
-        metadata={
-            "base_model": config.model, "family": family.NAME, "resolution": resolution,
-            "latent_size": list(latent_size), "text_length": text_length, "budget": config.budget,
-            "unit_options": options.to_dict(), "dense_macs": macs_model.dense,
-        },
+        metadata=PrunedFor(config.model, family.name, resolution, latent_size, text_length, config.budget, options,
+                           macs_model.dense).to_dict(),
         min_width=config.min_width,
     )
     magnitudes = family.element_magnitudes(unet, options)
@@ -303,10 +303,10 @@ def prepare(config: PruneConfig) -> PruneState:
     if config.difficulty_exponent > 0 and config.num_codes > 1:
         reference = uniform_width_architecture(macs_model, config.budget, scores=magnitudes)
         with accelerator.main_process_first():
-            difficulty = prompt_difficulty(unet, controller, macs_model.layout.gates_from_architecture(reference),
+            difficulty = prompt_difficulty(family, unet, controller, macs_model.layout.gates_from_architecture(reference),
                                            train, scheduler, pipeline.vae.config.scaling_factor, config,
                                            out / "cache" / "difficulty.safetensors", accelerator.device, identity)
-    return PruneState(accelerator, pipeline, unet, controller, macs_model, router, optimizer, scheduler,
+    return PruneState(accelerator, pipeline, family, unet, controller, macs_model, router, optimizer, scheduler,
                       BlockRecorder(family.feature_modules(unet)), train, val, latent_size, resolution, text_length,
                       difficulty, identity)
 
@@ -323,7 +323,7 @@ def within_unit_zscores(layout: UnitLayout, values: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def prompt_difficulty(unet, controller, gates: torch.Tensor, cache: dict, scheduler, scaling: float,
+def prompt_difficulty(family, unet, controller, gates: torch.Tensor, cache: dict, scheduler, scaling: float,
                       config: PruneConfig, cache_file: Path, device, identity: dict) -> torch.Tensor:
     """For the first ``difficulty_rows`` training rows, how far a fixed pruned model (``gates``) is from
     the dense teacher: the output MSE at one random timestep, or averaged over ``difficulty_timesteps``
@@ -350,9 +350,9 @@ def prompt_difficulty(unet, controller, gates: torch.Tensor, cache: dict, schedu
                 timesteps = (stratum * total + timesteps) // strata
             noisy = scheduler.add_noise(batch["latents"], batch["noise"], timesteps) if strata > 1 else batch["noisy"]
             with controller.use(None):
-                teacher = unet(noisy, timesteps, batch["text"]).sample.float()
+                teacher = family.denoise(unet, noisy, timesteps, batch["conditioning"]).float()
             with controller.use(gates.to(device)[None]):
-                pruned = unet(noisy, timesteps, batch["text"]).sample.float()
+                pruned = family.denoise(unet, noisy, timesteps, batch["conditioning"]).float()
             error = (pruned - teacher).pow(2).flatten(1).mean(1)
             weights = snr_weights(scheduler, timesteps, gamma)
             difficulty[index] += (error * weights if weights is not None else error).cpu() / strata
@@ -392,7 +392,7 @@ def prune_step(config: PruneConfig, state: PruneState, step: int) -> dict[str, f
     index = batch_index(step, config.batch_size, size, config.seed, rank, world)
     seeds = sample_seeds(config.seed, batch_positions(step, config.batch_size, rank, world))
     batch = noised_batch(state.train, index, state.scheduler, state.pipeline.vae.config.scaling_factor, seeds, device)
-    noisy, timesteps, text = batch["noisy"], batch["timesteps"], batch["text"]
+    noisy, timesteps, conditioning = batch["noisy"], batch["timesteps"], batch["conditioning"]
     prompt_embeddings = state.train["prompt_embeddings"][state.train["prompt_index"][index]].to(device)
 
     warming_up = step < config.warmup_steps
@@ -411,10 +411,10 @@ def prune_step(config: PruneConfig, state: PruneState, step: int) -> dict[str, f
     else:
         gates = router.mix(scores, assignment, code_gates)
         with torch.no_grad(), state.controller.use(None):
-            teacher = unet(noisy, timesteps, text).sample
+            teacher = state.family.denoise(unet, noisy, timesteps, conditioning)
             teacher_blocks = state.recorder.take()
         with state.controller.use(gates):
-            student = unet(noisy, timesteps, text).sample
+            student = state.family.denoise(unet, noisy, timesteps, conditioning)
             student_blocks = state.recorder.take()
         ddpm, distill, blocks = task_losses(state.scheduler, batch, student, teacher, student_blocks, teacher_blocks,
                                             config.min_snr_gamma, config.normalize_blocks)

@@ -1,4 +1,5 @@
-"""Loading the base text-to-image pipeline that is pruned."""
+"""The base text-to-image pipeline that is pruned: the shipped world teacher or a local diffusers folder of
+any registered family."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ..teacher.components import TEACHER_DIR, load_teacher
-from ..utils import APTPError, folder_identity
+from .families import family_of_pipeline
+from .teacher.components import TEACHER_DIR, load_teacher
+from .utils import APTPError, folder_identity
 
 WORLD = "world"  # the shipped world teacher (also the name of the world data source)
 
@@ -22,7 +24,7 @@ def model_identity(source: str) -> dict:
 
 
 def load_base_pipeline(source: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """``"world"`` (the shipped world teacher) or a local Stable Diffusion pipeline folder."""
+    """``"world"`` (the shipped world teacher) or a local pipeline folder of a registered family."""
     if source == WORLD:
         return load_teacher(TEACHER_DIR, device, dtype)
     folder = Path(source)
@@ -33,14 +35,9 @@ def load_base_pipeline(source: str, device: str | torch.device = "cpu", dtype: t
         index = json.loads(index_file.read_text())
     except json.JSONDecodeError as error:
         raise APTPError(f"{index_file} is not valid JSON ({error.msg})") from None
+    if not isinstance(index, dict):
+        raise APTPError(f"{index_file} is not a diffusers model index")
     if index.get("text_encoder", [None, None])[1] == "BertModel" and not (folder / "text_encoder").is_dir():
         return load_teacher(folder, device, dtype)  # a world-teacher-style folder: MiniLM from its package
-    from diffusers import StableDiffusionPipeline
+    return family_of_pipeline(str(index.get("_class_name"))).load_pipeline(folder, device, dtype)
 
-    try:
-        pipeline = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, feature_extractor=None,
-                                                           requires_safety_checker=False, dtype=dtype)
-    except Exception as error:
-        raise APTPError(f"cannot load a Stable Diffusion pipeline from {folder}: {error}") from None
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(device)
