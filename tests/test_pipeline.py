@@ -21,8 +21,8 @@ PROMPTS = ["a red circle on a white background", 'the word "SUN" in white on a b
 
 @pytest.fixture(scope="module")
 def aptp_pipeline(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd2")
-    base = load_base_pipeline(str(make_sd2_pipeline(folder)))
+    folder = make_sd2_pipeline(tmp_path_factory.mktemp("sd2"))
+    base = load_base_pipeline(str(folder))
     macs = fam.build_macs_model(base.unet, (8, 8), 16)
     torch.manual_seed(0)
     pruned_for = PrunedFor(str(folder), fam.NAME, 64, (8, 8), 16, 0.6, UnitOptions(), macs.dense)
@@ -181,3 +181,26 @@ def test_feature_caching_and_solvers(aptp_pipeline):
         assert solved.shape == plain.shape and not torch.equal(solved, plain)
     finally:
         aptp_pipeline.scheduler = original
+
+
+def test_frontier_measures_every_setting(aptp_pipeline, tmp_path):
+    from aptp.benchmarks.frontier import Setting, default_settings, format_frontier, pareto_front, run_frontier
+
+    assert pareto_front({"a": (1.0, 0.9), "b": (2.0, 0.8), "c": (0.5, 0.85), "d": (2.0, 0.8)}) == ["a", "b", "d"]
+    aptp_pipeline.save_pretrained(tmp_path / "aptp")
+    aptp_pipeline.experts[2].save_pretrained(tmp_path / "small")
+    assert {"dense", "APTP", "APTP cache 2", "dense dpm++ 2 steps", "small"} <= {
+        s.name for s in default_settings(4, ["small"])}
+    # Three settings: each costs one FID (a 2048-wide matrix square root, seconds on a CPU).
+    settings = [Setting("dense", "dense", 2), Setting("APTP unipc cache 2", "APTP", 2, "unipc", 2),
+                Setting("small", "small", 2)]
+    result = run_frontier(tmp_path / "aptp", {"small": tmp_path / "small"}, tmp_path / "frontier", steps=2,
+                          per_category=1, batch_size=2, repeats=1, settings=settings)
+    rows = result["settings"]
+    assert list(rows) == [s.name for s in settings]
+    assert rows["dense"]["speedup"] == 1.0 and rows["dense"]["relative_accuracy"] == 1.0
+    assert all(r["images_per_s"] > 0 and 0 <= r["world_accuracy"] <= 1 for r in rows.values())
+    assert rows["small"]["macs_fraction"] < 1 and result["pareto_front"]
+    assert 0 < result["routing_overhead"]["fraction_of_generation"] < 1
+    assert (tmp_path / "frontier" / "frontier.png").stat().st_size > 0
+    assert "routing overhead" in format_frontier(result)

@@ -184,6 +184,39 @@ def cmd_bench_throughput(args) -> int:
     return 0
 
 
+def unet_folders(items: list[str] | None) -> dict[str, str]:
+    """``NAME=FOLDER`` arguments as a dict."""
+    folders = {}
+    for item in items or []:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise APTPError(f"expected NAME=FOLDER for --unet, got {item!r}")
+        folders[name] = folder
+    return folders
+
+
+def cmd_bench_frontier(args) -> int:
+    from .benchmarks.frontier import format_frontier, run_frontier
+    from .evaluation.demo import quiet_loading
+
+    threads = _torch_threads(args.threads)
+    folders = unet_folders(args.unet)
+    pipeline = args.pipeline
+    if args.demo:
+        demo = Path(args.demo)
+        pipeline = pipeline or str(demo / "pipeline")
+        if not folders and (demo / "baselines" / "magnitude" / "model").is_dir():
+            folders = {"magnitude": str(demo / "baselines" / "magnitude" / "model")}
+    if not pipeline:
+        raise APTPError("give --pipeline (an `aptp export` folder) or --demo (a finished demo folder)")
+    with quiet_loading():
+        result = run_frontier(pipeline, folders, args.out, args.steps, args.per_category, args.batch, args.repeats,
+                              args.seed, device=resolve_device(args.device, args.dtype))
+    print(format_frontier(result))
+    print(f"written: {Path(args.out) / 'frontier.json'}, {Path(args.out) / 'frontier.png'} ({threads} torch threads)")
+    return 0
+
+
 def cmd_bench_memory(args) -> int:
     from .benchmarks.memory import format_rows, run_memory_benchmark
     from .pipelines.aptp import check_pipeline_folder
@@ -417,12 +450,7 @@ def cmd_evaluate(args) -> int:
     from .evaluation.compare import EvalConfig, evaluate_folders
     from .evaluation.demo import quiet_loading
 
-    folders = {}
-    for item in args.unet or []:
-        name, sep, folder = item.partition("=")
-        if not sep or not name or not folder:
-            raise APTPError(f"expected NAME=FOLDER for --unet, got {item!r}")
-        folders[name] = folder
+    folders = unet_folders(args.unet)
     settings = parse_overrides(args.set)
     if args.clip:
         settings["clip"] = args.clip
@@ -507,6 +535,24 @@ def build_parser() -> argparse.ArgumentParser:
     throughput.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's choice)")
     add_device_arguments(throughput)
     throughput.set_defaults(func=cmd_bench_throughput)
+
+    frontier = benches.add_parser(
+        "frontier", help="quality vs images/s: the mixture against fewer steps, other solvers, feature caching "
+                         "and sliced baselines")
+    frontier.add_argument("--pipeline", help="an APTPPipeline folder (`aptp export`)")
+    frontier.add_argument("--demo", help="a finished demo folder: its pipeline and magnitude baseline")
+    frontier.add_argument("--unet", nargs="*", metavar="NAME=FOLDER",
+                          help="sliced UNet folders to compare, e.g. magnitude=runs/demo/baselines/magnitude/model")
+    add_output_argument(frontier, default="runs/frontier", help="folder for frontier.json and frontier.png")
+    frontier.add_argument("--steps", type=positive_int, default=20, help="the reference step count")
+    frontier.add_argument("--per-category", type=positive_int, default=32,
+                          help="world test prompts per category for accuracy and FID")
+    frontier.add_argument("--batch", type=positive_int, default=32, help="prompts per timed call")
+    frontier.add_argument("--repeats", type=positive_int, default=3, help="timed rounds (after one warm-up round)")
+    frontier.add_argument("--seed", type=int, default=0, help="seed of the test prompts and their noise")
+    frontier.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's choice)")
+    add_device_arguments(frontier)
+    frontier.set_defaults(func=cmd_bench_frontier)
 
     memory = benches.add_parser("memory", help="APTPPipeline peak memory, few prompts vs many")
     memory.add_argument("--pipeline", required=True, help="folder written by `aptp export`")
