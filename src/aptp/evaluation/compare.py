@@ -18,16 +18,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import world
+from ..base_model import load_base_pipeline
+from ..caching import check_interval
 from ..config import config_from_dict
 from ..families import family_of, family_of_base
 from ..metrics.clip import CLIPEmbedder, clip_score, cmmd
 from ..metrics.fid import FrechetDistance
-from ..caching import check_interval
 from ..pipelines import APTPPipeline
-from ..pipelines.schedulers import scheduler_class, use_scheduler
 from ..pipelines.build import base_config_differences
+from ..pipelines.schedulers import scheduler_class, use_scheduler
 from ..teacher.train import images_to_tensor
-from ..base_model import load_base_pipeline
 from ..utils import APTPError
 from .report import write_report
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
+from ..base_model import model_identity
 from ..experts.run import load_run
 from ..routing.encoder import PromptEncoder
 from ..utils import check_output_folder, write_json_atomic
-from ..base_model import model_identity
 from .cache import copy_cache, data_source, encode_dataset
 from .common import make_datasets
 

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..base_model import WORLD
 from ..data import CaptionedImages, WorldImages, load_cc3m, load_coco, load_imagefolder
 from ..utils import APTPError
-from ..base_model import WORLD
 from .cache import conditioning_of
 
 MIXED_PRECISION = ("no", "fp16", "bf16")  # what Accelerate runs for any model
