@@ -49,7 +49,7 @@ def quiet_truncation(family: ModelFamily):
 
 @dataclass
 class APTPPipelineOutput(BaseOutput):
-    """Images in the caller's order, with the expert and MACs each prompt used."""
+    """Images in the caller's order (the images of one prompt together), with the expert and MACs of each."""
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     experts: list[int]
@@ -210,51 +210,116 @@ out.images, out.experts, out.macs_fraction
 
     def expert_pipeline(self, index: int):
         """The base model's own text-to-image pipeline over expert ``index``, sharing this pipeline's components."""
-        return self.family.pipeline_around(self, self.experts[index])
+        pipeline = self.family.pipeline_around(self, self.experts[index])
+        pipeline.set_progress_bar_config(**{"disable": False, **getattr(self, "_progress_bar_config", {})})
+        return pipeline
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+    def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                  num_inference_steps: int = 25, guidance_scale: float = 4.0,
                  generator: torch.Generator | list[torch.Generator] | None = None, height: int | None = None,
                  width: int | None = None, output_type: str = "pil",
-                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, cache_interval: int = 1) -> APTPPipelineOutput:
-        """Generate one image per prompt. Pass one generator per prompt for results that do not depend
-        on which other prompts share the call. Each expert denoises its prompts in batches of at most
-        ``max_batch_size``, so memory does not grow with the number of prompts. ``cache_interval`` N > 1
-        reuses each expert's deep features between every N-th step (DeepCache, :mod:`aptp.caching`);
-        1 computes every step whole."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
-        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-            raise APTPError("prompt must be a non-empty string or a non-empty list of non-empty strings")
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, cache_interval: int = 1, num_images_per_prompt: int = 1,
+                 eta: float = 0.0, latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
+                 negative_prompt_embeds: torch.Tensor | None = None, expert: int | list[int] | None = None,
+                 return_dict: bool = True, cross_attention_kwargs: dict | None = None, guidance_rescale: float = 0.0,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] = ("latents",)):
+        """Generate ``num_images_per_prompt`` images per prompt; the arguments are those of the base model's
+        pipeline (e.g. ``StableDiffusionPipeline``), and every expert's batch is one call of it.
+
+        Routing needs the prompt text: with ``prompt_embeds`` instead, give ``expert`` (one index, or one per
+        prompt); ``expert`` with text prompts overrides the router. Pass one generator per image for results
+        that do not depend on which other prompts share the call; ``latents`` has one row per image. Each
+        expert denoises its prompts in batches of at most ``max_batch_size``, so memory does not grow with
+        the number of prompts; ``callback_on_step_end`` is called at every step of every such batch.
+        ``cache_interval`` N > 1 reuses each expert's deep features between every N-th step (DeepCache,
+        :mod:`aptp.caching`); 1 computes every step whole. ``output_type``: ``pil``, ``np``, ``pt`` or
+        ``latent``. Returns an :class:`APTPPipelineOutput` (images, and the expert and MACs of each image),
+        or with ``return_dict=False`` the tuple of its fields."""
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
+            if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+                raise APTPError("prompt must be a non-empty string or a non-empty list of non-empty strings")
+            count = len(prompts)
+        else:
+            if prompt is not None:
+                raise APTPError("give prompt or prompt_embeds, not both")
+            if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.dim() != 3:
+                raise APTPError("prompt_embeds must be a (prompts, tokens, width) tensor")
+            prompts, count = None, len(prompt_embeds)
+            if expert is None:
+                raise APTPError("routing needs the prompt text: with prompt_embeds, give expert (an index, or one "
+                                "per prompt)")
         self.check_settings(num_inference_steps, guidance_scale, height, width, output_type, max_batch_size)
         check_interval(cache_interval)
-        negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt] * len(prompts)
-        generators = generator if isinstance(generator, list) else [generator] * len(prompts)
-        if len(negatives) != len(prompts) or len(generators) != len(prompts):
-            raise APTPError("negative_prompt and generator lists must have one entry per prompt")
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+                or num_images_per_prompt < 1:
+            raise APTPError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        images = count * num_images_per_prompt
+        negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt] * count
+        generators = generator if isinstance(generator, list) else [generator] * images
+        if len(negatives) != count or len(generators) != images:
+            raise APTPError("negative_prompt lists must have one entry per prompt, generator lists one per image")
         if any(n is not None and not isinstance(n, str) for n in negatives):
             raise APTPError("negative_prompt must be a string, a list of strings (one per prompt) or None")
         if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
-            raise APTPError("generator must be a torch.Generator, a list of them (one per prompt) or None")
-        self.warn_truncated(prompts)
-        routes = self.route(prompts)
-        stacked = None  # one (N, C, H, W) tensor, filled chunk by chunk: no second copy of all images
+            raise APTPError("generator must be a torch.Generator, a list of them (one per image) or None")
+        for name, tensor, rows in (("latents", latents, images), ("negative_prompt_embeds", negative_prompt_embeds,
+                                                                   count)):
+            if tensor is not None and (not isinstance(tensor, torch.Tensor) or len(tensor) != rows):
+                raise APTPError(f"{name} must be a tensor with {rows} rows (one per "
+                                f"{'image' if name == 'latents' else 'prompt'})")
+        if prompts is not None:
+            self.warn_truncated(prompts)
+        routes = self._routes(prompts, count, expert)
+        n = num_images_per_prompt
+        stacked = None  # one tensor of every image, filled chunk by chunk: no second copy of all images
         with quiet_truncation(self.family):
-            for expert in sorted(set(routes)):
-                routed = [i for i, r in enumerate(routes) if r == expert]
+            for k in sorted(set(routes)):
+                routed = [i for i, r in enumerate(routes) if r == k]
                 for start in range(0, len(routed), max_batch_size):
                     members = routed[start:start + max_batch_size]
-                    with self.family.feature_cache(self.experts[expert], cache_interval):
-                        generated = self._generate(expert, members, prompts, negatives, negative_prompt, generators,
-                                                   generator, num_inference_steps, guidance_scale, height, width)
+                    rows = [i * n + j for i in members for j in range(n)]
+                    arguments = dict(
+                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
+                        width=width, num_images_per_prompt=n, eta=eta, guidance_rescale=guidance_rescale,
+                        cross_attention_kwargs=cross_attention_kwargs, callback_on_step_end=callback_on_step_end,
+                        callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
+                        output_type="latent" if output_type == "latent" else "pt",
+                        latents=None if latents is None else latents[rows],
+                        generator=None if generator is None else
+                        ([generators[r] for r in rows] if isinstance(generator, list) else generator))
+                    if prompts is not None:
+                        arguments["prompt"] = [prompts[i] for i in members]
+                    else:
+                        arguments["prompt_embeds"] = prompt_embeds[members]
+                    if negative_prompt_embeds is not None:
+                        arguments["negative_prompt_embeds"] = negative_prompt_embeds[members]
+                    elif negative_prompt is not None:
+                        arguments["negative_prompt"] = [negatives[i] or "" for i in members]
+                    with self.family.feature_cache(self.experts[k], cache_interval):
+                        generated = self.expert_pipeline(k)(**arguments).images
+                    generated = generated.float().cpu() if output_type != "latent" else generated
                     if stacked is None:
-                        stacked = torch.empty(len(prompts), *generated.shape[1:])
-                    stacked[members] = generated
+                        stacked = generated.new_empty(images, *generated.shape[1:])
+                    stacked[rows] = generated
         output = {"pil": lambda: to_pil(stacked), "np": lambda: stacked.permute(0, 2, 3, 1).numpy(),
-                  "pt": lambda: stacked}[output_type]
-        macs = [self.experts.config.expert_macs[r] for r in routes]
-        return APTPPipelineOutput(images=output(), experts=routes, macs=macs,
-                                  macs_fraction=[m / self.experts.config.dense_macs for m in macs])
+                  "pt": lambda: stacked, "latent": lambda: stacked}[output_type]
+        per_image = [r for r in routes for _ in range(n)]
+        macs = [self.experts.config.expert_macs[r] for r in per_image]
+        result = APTPPipelineOutput(images=output(), experts=per_image, macs=macs,
+                                    macs_fraction=[m / self.experts.config.dense_macs for m in macs])
+        return result if return_dict else (result.images, result.experts, result.macs, result.macs_fraction)
+
+    def _routes(self, prompts: list[str] | None, count: int, expert) -> list[int]:
+        """The expert of every prompt: ``expert`` when given (one index or one per prompt), else the router's."""
+        if expert is None:
+            return self.route(prompts)
+        chosen = [expert] * count if not isinstance(expert, (list, tuple)) else list(expert)
+        if len(chosen) != count or any(isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < len(self.experts)
+                                       for e in chosen):
+            raise APTPError(f"expert must be an index in [0, {len(self.experts)}) or a list of them, one per prompt")
+        return chosen
 
     def warn_truncated(self, prompts: list[str]) -> None:
         """One line when prompts are longer than the text encoder reads (they are cut, as in diffusers)."""
@@ -273,8 +338,8 @@ out.images, out.experts, out.macs_fraction
             raise APTPError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
         if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise APTPError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-        if output_type not in ("pil", "np", "pt"):
-            raise APTPError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise APTPError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         if (height is None) != (width is None):
             raise APTPError("give both height and width, or neither")
         if height is not None:
@@ -285,16 +350,3 @@ out.images, out.experts, out.macs_fraction
                 if isinstance(value, bool) or not isinstance(value, int) or value < multiple or value % multiple:
                     raise APTPError(f"{name} must be a positive multiple of {multiple} pixels for this model, "
                                     f"got {value!r}")
-
-    def _generate(self, expert, members, prompts, negatives, negative_prompt, generators, generator,
-                  num_inference_steps, guidance_scale, height, width) -> torch.Tensor:
-        """Denoise ``members`` (prompt indices) with one expert as one batch; their images in [0, 1]."""
-        group_generators = [generators[i] for i in members]
-        result = self.expert_pipeline(expert)(
-            prompt=[prompts[i] for i in members],
-            negative_prompt=None if negative_prompt is None else [negatives[i] or "" for i in members],
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            generator=None if group_generators[0] is None else
-            (group_generators if isinstance(generator, list) else group_generators[0]),
-            height=height, width=width, output_type="pt")
-        return result.images.float().cpu()
