@@ -78,16 +78,13 @@ def unet_inputs(unet, batch: int = 2, seed: int = 1):
     return inputs
 
 
-def make_sd2_pipeline(folder, seed: int = 0):
-    """A tiny random Stable Diffusion 2-style pipeline (CLIP text encoder and tokenizer, linear
-    projections, v-prediction) saved to ``folder``; nothing is downloaded."""
+def tiny_clip_tokenizer(folder, max_length: int = 16):
+    """A real CLIP tokenizer over a byte-level alphabet without merges (character by character), its
+    vocabulary written to ``folder``."""
     import json
 
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
-    torch.manual_seed(seed)
-    # A byte-level alphabet without merges: a real CLIP tokenizer, character by character.
     printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
     codes, extra = printable[:], 0
     for b in range(256):
@@ -100,19 +97,73 @@ def make_sd2_pipeline(folder, seed: int = 0):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=[8, 8, 8, 8], down_block_types=["DownEncoderBlock2D"] * 4,
+                         up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=4, latent_channels=4,
+                         sample_size=64)
+
+
+def make_sd2_pipeline(folder, seed: int = 0):
+    """A tiny random Stable Diffusion 2-style pipeline (CLIP text encoder and tokenizer, linear
+    projections, v-prediction) saved to ``folder``; nothing is downloaded."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer(folder)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
                                                 num_hidden_layers=2, num_attention_heads=4,
                                                 max_position_embeddings=16, projection_dim=32))
     unet = UNet2DConditionModel(**TINY_UNETS["sd2"] | {"cross_attention_dim": 32, "sample_size": 8})
-    vae = AutoencoderKL(block_out_channels=[8, 8, 8, 8], down_block_types=["DownEncoderBlock2D"] * 4,
-                        up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=4, latent_channels=4,
-                        sample_size=64)
     scheduler = DDIMScheduler(prediction_type="v_prediction", beta_schedule="scaled_linear", beta_start=0.00085,
                               beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+    pipeline = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
+    pipeline.save_pretrained(folder / "pipeline")
+    return folder / "pipeline"
+
+
+# A tiny SDXL-style UNet: two text encoders' states (32 + 32 wide), pooled embedding and time ids.
+TINY_SDXL_UNET = dict(
+    block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, attention_head_dim=(2, 4),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=64, sample_size=8, use_linear_projection=True, transformer_layers_per_block=(1, 2),
+    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+)
+
+
+def make_sdxl_unet(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_SDXL_UNET).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return unet
+
+
+def make_sdxl_pipeline(folder, seed: int = 0):
+    """A tiny random Stable Diffusion XL pipeline (two CLIP text encoders, the second with a projection)
+    saved to ``folder``; nothing is downloaded."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer(folder)
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=16, projection_dim=32)
+    pipeline = StableDiffusionXLPipeline(
+        vae=tiny_vae(), text_encoder=CLIPTextModel(config), text_encoder_2=CLIPTextModelWithProjection(config),
+        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=make_sdxl_unet(seed),
+        scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                         steps_offset=1), add_watermarker=False)
     pipeline.save_pretrained(folder / "pipeline")
     return folder / "pipeline"
 

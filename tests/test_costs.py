@@ -5,6 +5,7 @@ import torch
 from conftest import TEXT_LENGTH, make_unet
 
 from aptp.costs import count_parameters
+from aptp.families import family_named, family_of
 from aptp.families import unet2d_condition as fam
 from aptp.families.presets import PRESETS
 
@@ -57,15 +58,19 @@ def test_cross_attention_uses_text_length():
 
 @pytest.mark.parametrize(
     "name, params_m, gmacs, gmacs_no_attention",
-    [("sd15", 859.5, 401.6, 338.6), ("sd21", 865.9, 1074.6, 760.5)],
+    [("sd15", 859.5, 401.6, 338.6), ("sd21", 865.9, 1074.6, 760.5), ("sdxl", 2567.5, 3380.6, 2988.7)],
 )
 def test_reference_unets(name, params_m, gmacs, gmacs_no_attention):
     preset = PRESETS[name]
+    family = family_named(preset.family)
     with torch.device("meta"):
-        unet = fam.UNet2DConditionModel.from_config(preset.config)
+        unet = family.denoiser_class.from_config(preset.config)
+    assert family_of(unet) is family
     size = preset.resolution // preset.vae_scale_factor
-    model = fam.build_macs_model(unet, (size, size), preset.text_length)
+    model = family.build_macs_model(unet, (size, size), preset.text_length)
     assert count_parameters(unet) / 1e6 == pytest.approx(params_m, rel=1e-3)
+    counted = family.measure_macs(unet, (size, size), preset.text_length)  # FlopCounterMode, weightless
+    assert model.dense == pytest.approx(counted, rel=1e-3)
     assert model.dense / 1e9 == pytest.approx(gmacs, rel=1e-3)
     assert (model.dense - model.dense_attention) / 1e9 == pytest.approx(gmacs_no_attention, rel=1e-3)
 

@@ -10,6 +10,7 @@ from families import DENOISERS, TINY_FAMILIES, random_architecture
 
 from aptp.base_model import load_base_pipeline
 from aptp.experts import APTPExpertBank
+from aptp.experts.run import load_run
 from aptp.families import FAMILIES, family_of, family_of_base
 from aptp.pipelines import APTPPipeline
 from aptp.routing import PromptRouter
@@ -154,3 +155,29 @@ def test_feature_cache_reuses_only_the_deep_path(denoiser):
     assert torch.equal(steps[1][0], plain_a), "the same input with its own deep features is the uncached output"
     assert not torch.allclose(steps[3][0], plain_a, atol=1e-4), "a cached step uses the deep features of the last whole one"
     assert torch.equal(after, plain_a), "leaving the block restores the model"
+
+
+@pytest.mark.parametrize("family_name", sorted(TINY_FAMILIES))
+def test_the_cli_flow_runs_on_the_family(family_name, tmp_path):
+    """prune -> assign -> finetune -> export -> generate on the family's tiny pipeline folder."""
+    from aptp.cli import main
+    from aptp.world import export_imagefolder
+
+    pipeline = TINY_FAMILIES[family_name].pipeline(tmp_path / "base")
+    export_imagefolder(tmp_path / "data", 12, "train", seed=0)
+    router, assign, experts = (str(tmp_path / name) for name in ("prune/router", "assign", "experts"))
+    assert main(["prune", "--output-dir", str(tmp_path / "prune"), "--config", "world", "--set", f"model={pipeline}",
+                 f"data={tmp_path / 'data'}", "train_size=8", "val_size=4", "steps=2", "warmup_steps=1",
+                 "batch_size=4", "num_codes=2", "arch_dim=8", "hidden_dim=16", "hyper_hidden_dim=16",
+                 "validate_every=0", "difficulty_rows=8"]) == 0
+    assert load_run(router).family is FAMILIES[family_name]
+    assert main(["assign", "--router", router, "--output-dir", assign]) == 0
+    assert main(["finetune", "--router", router, "--assign", assign, "--output-dir", experts, "--all", "--set",
+                 "steps=1", "batch_size=4", "validation_prompts=0"]) == 0
+    assert main(["export", "--router", router, "--experts", experts, "--output-dir", str(tmp_path / "pipeline"),
+                 "--allow-untrained-experts"]) == 0
+    mixture = APTPPipeline.from_pretrained(tmp_path / "pipeline")
+    assert mixture.family is FAMILIES[family_name]
+    assert main(["generate", "--pipeline", str(tmp_path / "pipeline"), "--output-dir", str(tmp_path / "images"),
+                 "--steps", "2", PROMPTS[0], PROMPTS[1]]) == 0
+    assert len(list((tmp_path / "images").glob("*.png"))) == 2

@@ -120,7 +120,8 @@ def teacher_distance(candidates: list[Candidate], base, real: torch.Tensor,
         noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
         noisy = base.scheduler.add_noise(latents, noise, timesteps.to(device)).to(dtype)
         conditioning = {name: value.to(dtype) for name, value in
-                        family.encode_prompts(base, prompts[start:start + batch_size], device).items()}
+                        family.encode_prompts(base, prompts[start:start + batch_size], device,
+                                              int(real.shape[-1])).items()}
         timesteps = timesteps.to(device)
         reference = family.denoise(dense, noisy, timesteps, conditioning).float()
         for candidate in candidates:

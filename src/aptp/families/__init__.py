@@ -10,9 +10,11 @@ from torch import nn
 
 from ..utils import APTPError
 from .base import ModelFamily
+from .sdxl import StableDiffusionXLFamily
 from .unet2d_condition import UNet2DConditionFamily
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (UNet2DConditionFamily(),)}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (UNet2DConditionFamily(),
+                                                                        StableDiffusionXLFamily())}
 
 
 def family_of(model: nn.Module) -> ModelFamily:

@@ -126,9 +126,10 @@ class ModelFamily(ABC):
         ``components`` (any pipeline of this family) and a fresh copy of its scheduler."""
 
     @abstractmethod
-    def encode_prompts(self, pipeline, prompts: list[str], device) -> dict[str, torch.Tensor]:
-        """The denoiser's conditioning for each prompt (no guidance), as named tensors whose first
-        dimension is the prompt."""
+    def encode_prompts(self, pipeline, prompts: list[str], device, resolution: int | None = None
+                       ) -> dict[str, torch.Tensor]:
+        """The denoiser's conditioning for each prompt (no guidance) for images of ``resolution`` pixels (None:
+        the pipeline's default), as named tensors whose first dimension is the prompt."""
 
     @abstractmethod
     def denoise(self, model: nn.Module, sample: torch.Tensor, timesteps: torch.Tensor,

@@ -47,6 +47,16 @@ PRESETS: dict[str, Preset] = {
                 "sample_size": 96, "use_linear_projection": True, "upcast_attention": True},
         vae_scale_factor=8, text_length=77, resolution=768, description="Stable Diffusion 2.1 (768-v) UNet",
     ),
+    "sdxl": Preset(
+        config={**_SD_COMMON, "block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20],
+                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                "transformer_layers_per_block": [1, 2, 10], "cross_attention_dim": 2048, "sample_size": 128,
+                "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+                "addition_embed_type_num_heads": 64, "projection_class_embeddings_input_dim": 2816},
+        vae_scale_factor=8, text_length=77, resolution=1024, description="Stable Diffusion XL 1.0 base UNet",
+        family="sdxl",
+    ),
     "tiny": Preset(
         config={
             "block_out_channels": [64, 128, 128],

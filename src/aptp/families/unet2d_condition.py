@@ -620,8 +620,16 @@ def build_macs_model(unet: nn.Module, sample_size: tuple[int, int] | None = None
 # The family
 
 
+def is_text_time(unet: nn.Module) -> bool:
+    """An SDXL-style UNet: pooled text embeddings and time ids through ``added_cond_kwargs``."""
+    return getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
+
+
 class UNet2DConditionFamily(ModelFamily):
     """Stable Diffusion 1.x / 2.x: a ``UNet2DConditionModel`` conditioned on the text encoder's states."""
+
+    def owns(self, model: nn.Module) -> bool:
+        return isinstance(model, self.denoiser_class) and not is_text_time(model)
 
     name = NAME
     denoiser_class = UNet2DConditionModel
@@ -659,7 +667,8 @@ class UNet2DConditionFamily(ModelFamily):
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
-    def encode_prompts(self, pipeline, prompts: list[str], device) -> dict[str, torch.Tensor]:
+    def encode_prompts(self, pipeline, prompts: list[str], device, resolution: int | None = None
+                       ) -> dict[str, torch.Tensor]:
         return {"encoder_hidden_states": pipeline.encode_prompt(prompts, device, 1, False)[0]}
 
     def denoise(self, model: nn.Module, sample: torch.Tensor, timesteps: torch.Tensor,

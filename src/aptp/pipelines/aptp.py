@@ -99,12 +99,16 @@ def _is_hub_id(source: str) -> bool:
 
 
 class APTPPipeline(DiffusionPipeline):
-    def __init__(self, vae, text_encoder, tokenizer, scheduler, router: PromptRouter, experts: APTPExpertBank):
+    # The base pipeline's components besides its denoiser: every family has the first four; SDXL also the _2s.
+    _optional_components = ["text_encoder_2", "tokenizer_2"]
+
+    def __init__(self, vae, text_encoder, tokenizer, scheduler, router: PromptRouter, experts: APTPExpertBank,
+                 text_encoder_2=None, tokenizer_2=None):
         super().__init__()
         if len(experts) != router.num_codes:
             raise APTPError(f"the router has {router.num_codes} codes but the bank holds {len(experts)} experts")
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-                              router=router, experts=experts)
+                              router=router, experts=experts, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         self._prompt_encoder = None
 
     @classmethod
@@ -112,7 +116,8 @@ class APTPPipeline(DiffusionPipeline):
         """The mixture over ``base`` (the base model's pipeline): its components except the denoiser, which the
         experts replace."""
         return cls(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, scheduler=base.scheduler,
-                   router=router, experts=experts)
+                   router=router, experts=experts, text_encoder_2=getattr(base, "text_encoder_2", None),
+                   tokenizer_2=getattr(base, "tokenizer_2", None))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "APTPPipeline":

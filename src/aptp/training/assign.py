@@ -44,7 +44,7 @@ def run_assign(router_dir: str | Path, out: str | Path, data: str | None = None,
     if (data, size, seed) == (trained["data"], trained["train_size"], trained["seed"]):
         # Routing the router's own training data: start from the cache the pruning run already encoded.
         copy_cache(Path(router_dir).parent / "cache" / "train.safetensors", out / CACHE_FILE)
-    cache = encode_dataset(dataset, pipeline.vae, lambda p: family.encode_prompts(pipeline, p, pipeline.device),
+    cache = encode_dataset(dataset, pipeline.vae, lambda p: family.encode_prompts(pipeline, p, pipeline.device, pruned_for.resolution),
                            out / CACHE_FILE, encoder.encode,
                            source=data_source(run.base_model, model_identity(run.base_model), data, dataset,
                                               pruned_for.resolution, seed, router.config.prompt_encoder, "train"))

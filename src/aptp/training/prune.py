@@ -271,7 +271,7 @@ def prepare(config: PruneConfig) -> PruneState:
     refuse_other_settings(out / "checkpoint", asdict(config), identity=identity)
 
     def conditioning(prompts):
-        return family.encode_prompts(pipeline, prompts, accelerator.device)
+        return family.encode_prompts(pipeline, prompts, accelerator.device, resolution)
 
     def source(split: str, dataset) -> dict:
         return data_source(config.model, identity["base_model"], config.data, dataset, resolution, config.seed,
