@@ -451,6 +451,10 @@ def cmd_evaluate(args) -> int:
     from .evaluation.demo import quiet_loading
 
     folders = unet_folders(args.unet)
+    if args.protocol == "paper":
+        return _evaluate_paper(args, folders)
+    if args.data or args.n or args.cmmd_clip:
+        raise APTPError("--data, --n and --cmmd-clip belong to --protocol paper")
     settings = parse_overrides(args.set)
     if args.clip:
         settings["clip"] = args.clip
@@ -462,6 +466,28 @@ def cmd_evaluate(args) -> int:
         report = evaluate_folders(args.pipeline, folders, config, args.out,
                                   device=resolve_device(args.device, args.dtype))
     print(f"report: {report}")
+    return 0
+
+
+def _evaluate_paper(args, folders: dict) -> int:
+    from .config import config_from_dict, parse_overrides
+    from .evaluation.demo import quiet_loading
+    from .evaluation.paper import PaperProtocol, format_paper_metrics, run_paper_protocol
+
+    if not args.data or not args.clip:
+        raise APTPError("--protocol paper needs --data (coco:ROOT, cc3m:TSV:IMAGES or an imagefolder) and --clip "
+                        "(a local CLIP ViT-B/32 folder; --cmmd-clip for CMMD's ViT-L/14@336)")
+    if args.cache_interval:
+        raise APTPError("--protocol paper samples every step whole (no --cache-interval)")
+    settings = parse_overrides(args.set)
+    settings.update({key: getattr(args, key) for key in ("n", "scheduler") if getattr(args, key)})
+    protocol = config_from_dict(PaperProtocol, settings)  # unknown keys are errors
+    check_output_folder(args.out)
+    with quiet_loading():
+        metrics = run_paper_protocol(args.pipeline, folders, args.data, args.out, args.clip, args.cmmd_clip,
+                                     protocol, device=resolve_device(args.device, args.dtype))
+    print(format_paper_metrics(metrics))
+    print(f"metrics: {Path(args.out) / 'metrics.json'}")
     return 0
 
 
@@ -647,7 +673,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help="more UNet folders of the same base model, e.g. static=runs/demo/baselines/static/model")
     evaluate.add_argument("--clip", help="a local CLIPModel folder for CLIP score and CMMD (none: both are skipped)")
     add_output_argument(evaluate, default="runs/evaluate", help="report folder")
-    evaluate.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override options, e.g. per_category=16")
+    evaluate.add_argument("--protocol", choices=("world", "paper"), default="world",
+                          help="world: the embedded world's test prompts; paper: the published protocol on real "
+                               "captions (--data, N captions, PNDM 25 steps, 256 px, FID, CLIP score, CMMD)")
+    evaluate.add_argument("--data", help="--protocol paper: coco:ROOT[:SPLIT], cc3m:TSV:IMAGES or an imagefolder")
+    evaluate.add_argument("--n", type=positive_int, help="--protocol paper: captions (default 30000)")
+    evaluate.add_argument("--cmmd-clip", help="--protocol paper: the CLIP folder of CMMD (default: --clip)")
+    evaluate.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+                          help="override options, e.g. per_category=16 (paper: n, steps, scheduler, "
+                               "guidance_scale, batch_size, seed)")
     add_solver_arguments(evaluate)
     add_device_arguments(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)

@@ -22,7 +22,7 @@ from .. import world
 from ..base_model import load_base_pipeline
 from ..evaluation.compare import Candidate, EvalConfig, evaluate_candidates, load_unet_folder, single_unet_candidate
 from ..pipelines import APTPPipeline
-from ..pipelines.schedulers import scheduler_class
+from ..pipelines.schedulers import scheduler_named
 from ..utils import APTPError, check_output_folder, write_json_atomic
 
 SPEED_GOAL, ACCURACY_GOAL = 3.0, 0.95  # some aptp setting: >= 3x dense images/s at >= 0.95 of its accuracy
@@ -59,8 +59,7 @@ def _mixture_candidate(name: str, mixture: APTPPipeline, setting: Setting) -> Ca
     own = mixture.scheduler
 
     def generate(prompts, generators, steps, guidance):
-        mixture.scheduler = (scheduler_class(setting.scheduler).from_config(own.config) if setting.scheduler
-                             else own)
+        mixture.scheduler = scheduler_named(setting.scheduler, own.config) if setting.scheduler else own
         try:
             result = mixture(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
                              output_type="pt", cache_interval=setting.cache_interval)

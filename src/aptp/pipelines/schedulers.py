@@ -18,6 +18,8 @@ ALIASES = {
     "heun": "HeunDiscreteScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
+# What an alias means beyond its class: PNDM as Stable Diffusion pipelines ship it (PLMS steps only, any count).
+ALIAS_SETTINGS = {"pndm": {"skip_prk_steps": True}}
 
 
 def scheduler_class(name: str) -> type:
@@ -35,5 +37,10 @@ def use_scheduler(pipeline, name: str | None):
     """Switch ``pipeline`` to the solver ``name`` (configured from its current scheduler, so the noise schedule
     and prediction type stay); ``None`` keeps it. Returns the pipeline."""
     if name is not None:
-        pipeline.scheduler = scheduler_class(name).from_config(pipeline.scheduler.config)
+        pipeline.scheduler = scheduler_named(name, pipeline.scheduler.config)
     return pipeline
+
+
+def scheduler_named(name: str, config):
+    """The solver ``name`` configured from ``config`` (another scheduler's)."""
+    return scheduler_class(name).from_config(config, **ALIAS_SETTINGS.get(str(name).lower(), {}))
