@@ -98,3 +98,18 @@ def test_callback_and_tuple_output(pair):
     np.testing.assert_allclose([s[2] for s in seen["ours"]], [s[2] for s in seen["theirs"]], rtol=1e-5)
     images, experts, macs, fractions = out
     assert images.shape == (2, 3, 64, 64) and experts == [0, 0] and fractions == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("schedule", [{"timesteps": [999, 600, 200]}, {"sigmas": [14.0, 3.0, 0.5]}])
+def test_custom_timesteps_and_sigmas(pair, schedule):
+    from aptp.pipelines.schedulers import use_scheduler
+
+    base, mixture = pair
+    originals = base.scheduler, mixture.scheduler
+    try:
+        use_scheduler(base, "euler")
+        use_scheduler(mixture, "euler")
+        theirs, ours = compare(pair, output_type="pt", **schedule)
+        torch.testing.assert_close(ours.images, theirs.images, rtol=0, atol=1e-5)
+    finally:
+        base.scheduler, mixture.scheduler = originals

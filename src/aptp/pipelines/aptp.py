@@ -228,7 +228,8 @@ out.images, out.experts, out.macs_fraction
                  eta: float = 0.0, latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
                  negative_prompt_embeds: torch.Tensor | None = None, expert: int | list[int] | None = None,
                  return_dict: bool = True, cross_attention_kwargs: dict | None = None, guidance_rescale: float = 0.0,
-                 callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] = ("latents",)):
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+                 timesteps: list[int] | None = None, sigmas: list[float] | None = None, clip_skip: int | None = None):
         """Generate ``num_images_per_prompt`` images per prompt; the arguments are those of the base model's
         pipeline (e.g. ``StableDiffusionPipeline``), and every expert's batch is one call of it.
 
@@ -289,6 +290,7 @@ out.images, out.experts, out.macs_fraction
                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
                         width=width, num_images_per_prompt=n, eta=eta, guidance_rescale=guidance_rescale,
                         cross_attention_kwargs=cross_attention_kwargs, callback_on_step_end=callback_on_step_end,
+                        timesteps=timesteps, sigmas=sigmas, clip_skip=clip_skip,
                         callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
                         output_type="latent" if output_type == "latent" else "pt",
                         latents=None if latents is None else latents[rows],
