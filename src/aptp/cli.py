@@ -25,7 +25,7 @@ from .config import (
     torch_dtype,
 )
 from .teacher.cli import add_teacher_parser
-from .utils import APTPError, check_output_folder, error_summary, read_json
+from .utils import APTPError, check_output_folder, error_summary, not_utf8, read_json
 from .world.cli import add_world_parser
 
 
@@ -254,7 +254,7 @@ def cmd_prune(args) -> int:
     try:
         config = load_prune_config(path, overrides)
     except UnicodeDecodeError as error:
-        raise APTPError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+        raise not_utf8(path, error) from None
     check_output_folder(config.output_dir)
     with quiet_loading():
         run_prune(config, args.overwrite)
@@ -332,7 +332,7 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
         except OSError as error:
             raise APTPError(f"cannot read {prompts_file}: {error.strerror}") from None
         except UnicodeDecodeError as error:
-            raise APTPError(f"{prompts_file} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+            raise not_utf8(prompts_file, error) from None
         collected += [line for line in lines if line.strip()]
     if not collected:
         where = f"{prompts_file} holds none" if prompts_file else "pass them as arguments or with --prompts-file"

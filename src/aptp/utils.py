@@ -86,6 +86,11 @@ def flat_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def not_utf8(path, error: UnicodeDecodeError) -> APTPError:
+    """The one-line error for a text file that is not UTF-8."""
+    return APTPError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})")
+
+
 def read_json(path: str | os.PathLike, what: str = "JSON file"):
     """The content of a JSON file; a missing, unreadable or damaged file is one line naming it."""
     path = Path(path)
