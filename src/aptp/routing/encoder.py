@@ -47,6 +47,10 @@ class PromptEncoder:
         self._cache: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
+    def clear_cache(self) -> None:
+        """Forget the cached embeddings (e.g. to time encoding)."""
+        self._cache.clear()
+
     def encode(self, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         if missing:
