@@ -20,9 +20,15 @@ from tqdm.auto import tqdm
 
 from .. import world
 from ..base_model import load_base_pipeline
-from ..evaluation.compare import Candidate, EvalConfig, evaluate_candidates, load_unet_folder, single_unet_candidate
+from ..evaluation.compare import (
+    Candidate,
+    EvalConfig,
+    evaluate_candidates,
+    load_unet_folder,
+    mixture_candidate,
+    single_unet_candidate,
+)
 from ..pipelines import APTPPipeline
-from ..pipelines.schedulers import scheduler_named
 from ..utils import APTPError, check_output_folder, write_json_atomic
 
 SPEED_GOAL, ACCURACY_GOAL = 3.0, 0.95  # some aptp setting: >= 3x dense images/s at >= 0.95 of its accuracy
@@ -53,22 +59,6 @@ def default_settings(steps: int, baselines: list[str]) -> list[Setting]:
                 Setting(f"APTP dpm++ {quarter} steps", "APTP", quarter, "dpm++"),
                 Setting(f"APTP dpm++ {half} steps cache 2", "APTP", half, "dpm++", 2)]
     return settings + [Setting(name, name, steps) for name in baselines]
-
-
-def _mixture_candidate(name: str, mixture: APTPPipeline, setting: Setting) -> Candidate:
-    own = mixture.scheduler
-
-    def generate(prompts, generators, steps, guidance):
-        mixture.scheduler = scheduler_named(setting.scheduler, own.config) if setting.scheduler else own
-        try:
-            result = mixture(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                             output_type="pt", cache_interval=setting.cache_interval)
-        finally:
-            mixture.scheduler = own
-        return result.images.float().cpu(), result.macs_fraction, result.experts
-
-    return Candidate(name, generate, list(mixture.experts.experts),
-                     sum(p.numel() for p in mixture.experts.parameters()), route=mixture.route)
 
 
 def _with_steps(candidate: Candidate, steps: int) -> Candidate:
@@ -111,16 +101,15 @@ def run_frontier(pipeline_dir: str | Path, unet_folders: dict[str, str | Path], 
     candidates = []
     for setting in settings:
         if setting.model == "APTP":
-            candidate = _mixture_candidate(setting.name, mixture, setting)
+            candidate = mixture_candidate(setting.name, mixture, setting.cache_interval, setting.scheduler)
         else:
             unet = unets[setting.model]
             fraction = family.measure_macs(unet, pruned_for.latent_size, pruned_for.text_length) / dense_macs
             candidate = single_unet_candidate(setting.name, base, unet, fraction, setting.scheduler,
                                               setting.cache_interval)
         candidates.append(_with_steps(candidate, setting.steps))
-    config = EvalConfig(per_category=per_category, steps=steps, seed=seed, batch_size=batch_size,
-                        latency_repeats=1)
-    metrics, _, _ = evaluate_candidates(candidates, config, family, pruned_for.text_length)
+    config = EvalConfig(per_category=per_category, steps=steps, seed=seed, batch_size=batch_size)
+    metrics, _, _ = evaluate_candidates(candidates, config, family, pruned_for.text_length, latency=False)
 
     # Speed: one batch of mixed test prompts per setting and round, settings interleaved; round 0 warms up.
     prompts = [s.prompt for s in world.generate(batch_size, "test", seed=seed + 1)]

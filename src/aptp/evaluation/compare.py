@@ -26,7 +26,7 @@ from ..metrics.clip import CLIPEmbedder, clip_score, cmmd
 from ..metrics.fid import FrechetDistance
 from ..pipelines import APTPPipeline
 from ..pipelines.build import base_config_differences
-from ..pipelines.schedulers import scheduler_class, use_scheduler
+from ..pipelines.schedulers import scheduler_class, scheduler_named, use_scheduler
 from ..teacher.train import images_to_tensor
 from ..utils import APTPError
 from .report import write_report
@@ -87,12 +87,19 @@ def single_unet_candidate(name: str, base, unet, macs_fraction: float, scheduler
     return Candidate(name, generate, [unet], sum(p.numel() for p in unet.parameters()))
 
 
-def mixture_candidate(name: str, pipeline, cache_interval: int = 1) -> Candidate:
-    """An ``APTPPipeline``: parameters of all experts; latency weighted by each expert's share of prompts."""
+def mixture_candidate(name: str, pipeline, cache_interval: int = 1, scheduler: str | None = None) -> Candidate:
+    """An ``APTPPipeline``: parameters of all experts; latency weighted by each expert's share of prompts.
+    ``scheduler``: a solver used for this candidate's calls only (the pipeline's own is put back after each)."""
 
     def generate(prompts, generators, steps, guidance):
-        result = pipeline(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                          output_type="pt", cache_interval=cache_interval)
+        own = pipeline.scheduler
+        if scheduler is not None:
+            pipeline.scheduler = scheduler_named(scheduler, own.config)
+        try:
+            result = pipeline(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                              output_type="pt", cache_interval=cache_interval)
+        finally:
+            pipeline.scheduler = own
         return result.images.float().cpu(), result.macs_fraction, result.experts
 
     return Candidate(name, generate, list(pipeline.experts.experts),
@@ -158,10 +165,28 @@ def _unet_latency(unets: list[torch.nn.Module], inputs: dict) -> list[float]:
     return timings
 
 
+def sample(candidate: Candidate, prompts: list[str], batch_size: int, seed: int, steps: int, guidance: float,
+           transform=None) -> tuple[torch.Tensor, list[float], list[int], float]:
+    """All of a candidate's images of ``prompts`` in batches, prompt i with seed ``seed + i`` (``transform``
+    applied to each batch of images): images, MACs fraction and UNet index per prompt, generation seconds."""
+    outputs, fractions, used, elapsed = [], [], [], 0.0
+    for start in tqdm(range(0, len(prompts), batch_size), desc=f"sampling {candidate.name}", unit="batch"):
+        batch = prompts[start:start + batch_size]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
+        begin = time.perf_counter()
+        generated, batch_fractions, batch_unets = candidate.generate(batch, generators, steps, guidance)
+        elapsed += time.perf_counter() - begin
+        outputs.append(transform(generated) if transform else generated)
+        fractions += batch_fractions
+        used += batch_unets
+    return torch.cat(outputs), fractions, used, elapsed
+
+
 def evaluate_candidates(candidates: list[Candidate], config: EvalConfig, family, text_length: int,
-                        base=None):
+                        base=None, latency: bool = True):
     """Metrics of every candidate, plus the generated images and the test samples (for grids).
-    With ``base`` (the dense pipeline), also each candidate's distance to the teacher by category."""
+    With ``base`` (the dense pipeline), also each candidate's distance to the teacher by category;
+    with ``latency``, the latency of one UNet call of each."""
     samples = world.generate(config.per_category * len(world.CATEGORIES), "test", seed=config.seed)
     prompts = [s.prompt for s in samples]
     real = (images_to_tensor(s.image for s in samples) + 1) / 2
@@ -170,19 +195,8 @@ def evaluate_candidates(candidates: list[Candidate], config: EvalConfig, family,
     real_clip = embedder.images(real) if embedder else None
     results, images = {}, {}
     for candidate in candidates:
-        outputs, fractions, used, elapsed = [], [], [], 0.0
-        for start in tqdm(range(0, len(prompts), config.batch_size), desc=f"sampling {candidate.name}",
-                          unit="batch"):
-            batch = prompts[start:start + config.batch_size]
-            generators = [torch.Generator().manual_seed(config.seed + start + i) for i in range(len(batch))]
-            begin = time.perf_counter()
-            generated, batch_fractions, batch_unets = candidate.generate(batch, generators, config.steps,
-                                                                         config.guidance_scale)
-            elapsed += time.perf_counter() - begin
-            outputs.append(generated)
-            fractions += batch_fractions
-            used += batch_unets
-        fake = torch.cat(outputs)
+        fake, fractions, used, elapsed = sample(candidate, prompts, config.batch_size, config.seed, config.steps,
+                                                config.guidance_scale)
         images[candidate.name] = fake
         metrics = {
             "unet_share": [used.count(i) / len(used) for i in range(len(candidate.unets))],
@@ -208,7 +222,8 @@ def evaluate_candidates(candidates: list[Candidate], config: EvalConfig, family,
         distances = teacher_distance(candidates, base, real, prompts, config.seed, config.batch_size)
         for name, values in distances.items():
             results[name]["teacher_mse"] = _by_category(values, samples)
-    _add_latency(candidates, results, config, family, text_length)
+    if latency:
+        _add_latency(candidates, results, config, family, text_length)
     return {
         "evaluation": {**asdict(config), "n_images": len(prompts), "resolution": int(real.shape[-1]),
                        "fid_reference": f"{len(prompts)} real world test images of the same prompts, "

@@ -9,14 +9,12 @@ embeddings, σ = 10, ×1000) from local CLIP folders. N, the resize and the prot
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
-from tqdm.auto import tqdm
 
 from ..base_model import load_base_pipeline
 from ..data import load_cc3m, load_coco, load_imagefolder
@@ -25,7 +23,7 @@ from ..metrics.fid import FrechetDistance
 from ..pipelines import APTPPipeline
 from ..pipelines.schedulers import use_scheduler
 from ..utils import APTPError, check_output_folder, write_json_atomic
-from .compare import load_unet_folder, mixture_candidate, single_unet_candidate
+from .compare import load_unet_folder, mixture_candidate, sample, single_unet_candidate
 
 SIZE = 256  # what the published numbers compare at
 PAPER_GUIDANCE = 7.5  # StableDiffusionPipeline's default
@@ -113,18 +111,8 @@ def run_paper_protocol(pipeline_dir: str | Path, unet_folders: dict, data: str, 
     texts = clip_embedder.texts(captions)
     models = {}
     for candidate in candidates:
-        generated, fractions, elapsed = [], [], 0.0
-        for start in tqdm(range(0, len(captions), protocol.batch_size), desc=f"sampling {candidate.name}",
-                          unit="batch"):
-            batch = captions[start:start + protocol.batch_size]
-            generators = [torch.Generator().manual_seed(protocol.seed + start + i) for i in range(len(batch))]
-            begin = time.perf_counter()
-            images, batch_fractions, _ = candidate.generate(batch, generators, protocol.steps,
-                                                            protocol.guidance_scale)
-            elapsed += time.perf_counter() - begin
-            generated.append(_generated_to_256(images))
-            fractions += batch_fractions
-        fake = torch.cat(generated)
+        fake, fractions, _, elapsed = sample(candidate, captions, protocol.batch_size, protocol.seed, protocol.steps,
+                                             protocol.guidance_scale, _generated_to_256)
         models[candidate.name] = {"fid": fid(fake), "clip_score": clip_score(clip_embedder.images(fake), texts),
                                   "cmmd": cmmd(real_cmmd, cmmd_embedder.images(fake)),
                                   "macs_fraction": sum(fractions) / len(fractions),

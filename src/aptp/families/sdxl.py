@@ -9,7 +9,6 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from torch import nn
 
-from ..utils import APTPError
 from .unet2d_condition import UNet2DConditionFamily, is_text_time
 
 
@@ -18,17 +17,11 @@ class StableDiffusionXLFamily(UNet2DConditionFamily):
 
     name = "sdxl"
     pipeline_class = StableDiffusionXLPipeline
+    description = "Stable Diffusion XL"
+    load_options = {"add_watermarker": False}
 
     def owns(self, model: nn.Module) -> bool:
         return isinstance(model, self.denoiser_class) and is_text_time(model)
-
-    def load_pipeline(self, folder, device="cpu", dtype: torch.dtype = torch.float32):
-        try:
-            pipeline = StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype, add_watermarker=False)
-        except Exception as error:
-            raise APTPError(f"cannot load a Stable Diffusion XL pipeline from {folder}: {error}") from None
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline.to(device)
 
     def pipeline_around(self, components, denoiser: nn.Module):
         pipeline = StableDiffusionXLPipeline(

@@ -650,12 +650,15 @@ class UNet2DConditionFamily(ModelFamily):
     example_inputs = staticmethod(example_inputs)
     default_sample_size = staticmethod(default_sample_size)
 
+    description = "Stable Diffusion"
+    # What from_pretrained is told besides the folder (no safety checker: aptp serves the base model as it is).
+    load_options = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
     def load_pipeline(self, folder, device="cpu", dtype: torch.dtype = torch.float32):
         try:
-            pipeline = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, feature_extractor=None,
-                                                               requires_safety_checker=False, dtype=dtype)
+            pipeline = self.pipeline_class.from_pretrained(folder, dtype=dtype, **self.load_options)
         except Exception as error:
-            raise APTPError(f"cannot load a Stable Diffusion pipeline from {folder}: {error}") from None
+            raise APTPError(f"cannot load a {self.description} pipeline from {folder}: {error}") from None
         pipeline.set_progress_bar_config(disable=True)
         return pipeline.to(device)
 
