@@ -79,25 +79,13 @@ def unet_inputs(unet, batch: int = 2, seed: int = 1):
 
 
 def tiny_clip_tokenizer(folder, max_length: int = 16):
-    """A real CLIP tokenizer over a byte-level alphabet without merges (character by character), its
-    vocabulary written to ``folder``."""
-    import json
+    """The character-level CLIP tokenizer, its vocabulary also written to ``folder``."""
+    from aptp.families.presets import character_clip_tokenizer
 
-    from transformers import CLIPTokenizer
-
-    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    codes, extra = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            codes.append(256 + extra)
-            extra += 1
-    chars = [chr(c) for c in codes]
-    vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars])}
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    tokenizer = character_clip_tokenizer(max_length)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
 
 
 def tiny_vae():
@@ -168,14 +156,53 @@ def make_sdxl_pipeline(folder, seed: int = 0):
     return folder / "pipeline"
 
 
+# A tiny PixArt-Σ-style diffusion transformer: 3 blocks of 2 heads (16 wide), learned variance (8 output
+# channels), captions from a 16-wide T5.
+TINY_PIXART = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=3,
+                   cross_attention_dim=16, caption_channels=16, sample_size=8, patch_size=2)
+
+
+def make_pixart_transformer(seed: int = 0):
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(**TINY_PIXART).eval()
+    with torch.no_grad():  # no zero-initialised layer: every weight matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def make_pixart_pipeline(folder, seed: int = 0):
+    """A tiny random PixArt-Σ pipeline (T5 text encoder and tokenizer) saved to ``folder``; nothing is
+    downloaded."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
+    from transformers import T5Config, T5EncoderModel
+
+    from aptp.families.presets import character_t5_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = character_t5_tokenizer(16)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                           num_heads=2, relative_attention_num_buckets=8, pad_token_id=0,
+                                           eos_token_id=1, decoder_start_token_id=0))
+    pipeline = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_vae(),
+                                   transformer=make_pixart_transformer(seed),
+                                   scheduler=DPMSolverMultistepScheduler())
+    pipeline.save_pretrained(folder / "pipeline")
+    return folder / "pipeline"
+
+
 def make_tiny_clip(tmp_path):
     """A tiny random ``CLIPModel`` folder (model, tokenizer, image processor) at ``tmp_path / 'clip'``."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from aptp.families.presets import character_clip_tokenizer
 
     sd2 = tmp_path / "sd2"
-    if not (sd2 / "vocab.json").is_file():
-        make_sd2_pipeline(sd2)  # writes the tiny CLIP vocabulary beside the pipeline
-    tokenizer = CLIPTokenizer(str(sd2 / "vocab.json"), str(sd2 / "merges.txt"), model_max_length=16)
+    if not (sd2 / "pipeline").is_dir():
+        make_sd2_pipeline(sd2)
+    tokenizer = character_clip_tokenizer(16)
     torch.manual_seed(0)
     config = CLIPConfig(text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32,
                                      "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16},

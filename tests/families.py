@@ -9,7 +9,16 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from conftest import TEXT_LENGTH, TINY_UNETS, make_sd2_pipeline, make_sdxl_pipeline, make_sdxl_unet, make_unet
+from conftest import (
+    TEXT_LENGTH,
+    TINY_UNETS,
+    make_pixart_pipeline,
+    make_pixart_transformer,
+    make_sd2_pipeline,
+    make_sdxl_pipeline,
+    make_sdxl_unet,
+    make_unet,
+)
 from torch import nn
 
 from aptp.units import UnitLayout
@@ -26,6 +35,7 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
     "unet2d_condition": TinyFamily({name: partial(make_unet, name) for name in TINY_UNETS}, make_sd2_pipeline,
                                    TEXT_LENGTH),
     "sdxl": TinyFamily({"sdxl": make_sdxl_unet}, make_sdxl_pipeline, TEXT_LENGTH),
+    "pixart": TinyFamily({"pixart": make_pixart_transformer}, make_pixart_pipeline, TEXT_LENGTH),
 }
 
 DENOISERS = [(family, variant) for family, tiny in TINY_FAMILIES.items() for variant in tiny.denoisers]

@@ -53,9 +53,9 @@ def test_inspect_local_expert_and_pipeline_folders(tmp_path, capsys):
 @pytest.mark.parametrize("content, message", [
     (None, "no such folder"),
     ("{oops", "not valid JSON"),
-    ('{"_class_name": "UNet2DConditionModel", "block_out_channels": "x"}', "cannot build a UNet"),
+    ('{"_class_name": "UNet2DConditionModel", "block_out_channels": "x"}', "cannot build a UNet2DConditionModel"),
     ('{"_class_name": "VQModel"}', "not supported"),
-    ("", "not a diffusers UNet or pipeline folder"),
+    ("", "not a diffusers model or pipeline folder"),
 ])
 def test_inspect_bad_folders_give_one_line_errors(tmp_path, capsys, content, message):
     folder = tmp_path / "model"

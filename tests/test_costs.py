@@ -58,9 +58,10 @@ def test_cross_attention_uses_text_length():
 
 @pytest.mark.parametrize(
     "name, params_m, gmacs, gmacs_no_attention",
-    [("sd15", 859.5, 401.6, 338.6), ("sd21", 865.9, 1074.6, 760.5), ("sdxl", 2567.5, 3380.6, 2988.7)],
+    [("sd15", 859.5, 401.6, 338.6), ("sd21", 865.9, 1074.6, 760.5), ("sdxl", 2567.5, 3380.6, 2988.7),
+     ("pixart-sigma", 610.9, 3316.8, 2155.2)],
 )
-def test_reference_unets(name, params_m, gmacs, gmacs_no_attention):
+def test_reference_denoisers(name, params_m, gmacs, gmacs_no_attention):
     preset = PRESETS[name]
     family = family_named(preset.family)
     with torch.device("meta"):

@@ -30,6 +30,7 @@ from aptp.world import export_imagefolder
     ({"difficulty_exponent": -1}, "difficulty_exponent"),
     ({"difficulty_weighting": "snr"}, "difficulty_weighting must be one of plain, min_snr"),
     ({"difficulty_timesteps": 0}, "difficulty_timesteps must be >= 1"),
+    ({"difficulty_target": "image"}, "difficulty_target must be one of prediction, guided, text"),
     ({"max_code_fraction": 0}, "max_code_fraction"),
     ({"arch_dim": 0}, "arch_dim must be >= 1"),
     ({"checkpoint_every": 0, "log_every": 0}, "checkpoint_every, log_every must be >= 1"),
@@ -254,3 +255,17 @@ def test_difficulty_over_timestep_strata(tmp_path):
     assert set(strata["difficulty_by_category"]) == set(one["difficulty_by_category"])
     assert all(v > 0 for v in strata["difficulty_by_category"].values())
     assert strata["difficulty_by_category"] != one["difficulty_by_category"]
+
+
+def test_difficulty_of_the_guided_and_the_text_prediction(tmp_path):
+    settings = {**_tiny_run(tmp_path), "steps": 2, "validate_every": 0}
+    plain = run_prune(PruneConfig(**settings, output_dir=str(tmp_path / "plain")))["difficulty_by_category"]
+    text = run_prune(PruneConfig(**settings, output_dir=str(tmp_path / "text"), difficulty_target="text"))
+    guided = run_prune(PruneConfig(**settings, output_dir=str(tmp_path / "guided"), difficulty_target="guided",
+                                   difficulty_guidance=1.0))
+    # Guidance 1 is the conditioned prediction itself.
+    for category, value in plain.items():
+        assert guided["difficulty_by_category"][category] == pytest.approx(value, rel=1e-5)
+    assert set(text["difficulty_by_category"]) == set(plain)
+    assert all(v > 0 for v in text["difficulty_by_category"].values())
+    assert text["difficulty_by_category"] != plain

@@ -22,15 +22,20 @@ def check_interval(interval) -> int:
     return interval
 
 
+def _first(args, kwargs):
+    return args[0] if args else next(iter(kwargs.values()), None)
+
+
 def _batch_of(args, kwargs) -> int | None:
-    first = args[0] if args else next(iter(kwargs.values()), None)
+    first = _first(args, kwargs)
     return first.shape[0] if hasattr(first, "shape") else None
 
 
 @contextmanager
-def feature_cache(model: nn.Module, deep_modules: list[str], interval: int):
+def feature_cache(model: nn.Module, deep_modules: list[str], interval: int, residual: bool = False):
     """Within the block, ``model`` runs whole on calls 0, interval, 2 * interval, ... and reuses the deep
-    modules' outputs of the last whole call in between. ``interval`` 1 changes nothing. A call whose batch
+    modules' outputs of the last whole call in between (with ``residual``, their residuals: a cached module
+    returns its new input plus its last output - input). ``interval`` 1 changes nothing. A call whose batch
     differs from the cached one runs whole."""
     check_interval(interval)
     if interval == 1:
@@ -47,9 +52,9 @@ def feature_cache(model: nn.Module, deep_modules: list[str], interval: int):
         def forward(*args, **kwargs):
             batch = _batch_of(args, kwargs)
             if not state["full"] and path in stored and stored[path][0] == batch:
-                return stored[path][1]
+                return stored[path][1] + _first(args, kwargs) if residual else stored[path][1]
             output = original(*args, **kwargs)
-            stored[path] = (batch, output)
+            stored[path] = (batch, output - _first(args, kwargs) if residual else output)
             return output
 
         return forward

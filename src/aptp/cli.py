@@ -75,6 +75,8 @@ def cmd_inspect(args) -> int:
     text_length = args.text_length or pruned_at.get("text_length") or source.text_length
     unet = source.build_meta_unet()
     family = family_of(unet)
+    if not args.text_length and "text_length" not in pruned_at:
+        text_length = min(text_length, family.max_text_length or text_length)
     model = family.build_macs_model(unet, (latent, latent), text_length)
     params = count_parameters(unet)
     attention = model.dense_attention
@@ -225,6 +227,14 @@ def cmd_bench_memory(args) -> int:
     rows = run_memory_benchmark(args.pipeline, tuple(args.counts), args.steps, args.max_batch_size, args.threads)
     print(format_rows(rows, args.steps, args.max_batch_size))
     return 0
+
+
+def cmd_bench_fullsize(args) -> int:
+    from .benchmarks.fullsize import format_rows, run_fullsize
+
+    rows = run_fullsize(args.config, args.out, args.resolution, args.threads)
+    print(format_rows(args.config, args.resolution, rows))
+    return 0 if all(row["rc"] == 0 for row in rows) else 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,14 +388,15 @@ def cmd_generate(args) -> int:
     pipeline.set_progress_bar_config(disable=True)
     use_scheduler(pipeline, args.scheduler)
     warn_untrained(pipeline, args.pipeline)
-    limit = pipeline.tokenizer.model_max_length
+    limit = pipeline.family.text_length(pipeline)
+    resolution = args.resolution or pipeline.pruned_for.resolution
     records = []
     for start in tqdm(range(0, len(prompts), args.batch_size), desc="generating", unit="batch"):
         batch = prompts[start:start + args.batch_size]
         seeds = [args.seed + start + i for i in range(len(batch))]
         result = pipeline(batch, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                           generator=[torch.Generator().manual_seed(s) for s in seeds],
-                          cache_interval=args.cache_interval or 1)
+                          cache_interval=args.cache_interval or 1, height=resolution, width=resolution)
         for i, (prompt, image) in enumerate(zip(batch, result.images)):
             tokens = len(pipeline.tokenizer(prompt).input_ids)
             file_name = f"{start + i:05d}.png"
@@ -395,7 +406,7 @@ def cmd_generate(args) -> int:
                             "truncated": tokens > limit})
     truncated = sum(r["truncated"] for r in records)
     write_json_atomic(out / "routing.json", {"pipeline": str(args.pipeline), "steps": args.steps,
-                                              "guidance_scale": args.guidance_scale,
+                                              "guidance_scale": args.guidance_scale, "resolution": resolution,
                                               "scheduler": type(pipeline.scheduler).__name__,
                                               "cache_interval": args.cache_interval or 1, "images": records})
     if truncated:
@@ -589,6 +600,15 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's choice)")
     memory.set_defaults(func=cmd_bench_memory)
 
+    fullsize = benches.add_parser("fullsize", help="a published architecture with random weights through prune, "
+                                                   "assign, finetune, export and generate: time and peak memory")
+    fullsize.add_argument("--config", required=True, choices=["sd15", "sd21", "sdxl", "pixart-sigma"],
+                          help="built-in config")
+    add_output_argument(fullsize, required=True, help="working folder (the random pipeline is kept and reused)")
+    fullsize.add_argument("--resolution", type=positive_int, default=256, help="pixels (reduced to fit a CPU)")
+    fullsize.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's choice)")
+    fullsize.set_defaults(func=cmd_bench_fullsize)
+
     prune = commands.add_parser("prune", help="train the prompt router and K expert codes under a MACs budget",
                                 keys=lambda: describe_keys(("", _config_class("training.prune", "PruneConfig"))))
     prune.add_argument("--config", default="world", help="YAML config, or a built-in one: world, sd21")
@@ -636,6 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance-scale", type=non_negative_float, default=4.0, help="classifier-free guidance")
     generate.add_argument("--seed", type=int, default=0, help="prompt i uses seed SEED + i")
     generate.add_argument("--batch-size", type=positive_int, default=32, help="prompts per pipeline call")
+    generate.add_argument("--resolution", type=positive_int,
+                          help="image height and width in pixels (none: the resolution the experts were pruned at)")
     add_solver_arguments(generate)
     add_device_arguments(generate)
     generate.set_defaults(func=cmd_generate)

@@ -10,11 +10,12 @@ from torch import nn
 
 from ..utils import APTPError
 from .base import ModelFamily
+from .pixart import PixArtFamily
 from .sdxl import StableDiffusionXLFamily
 from .unet2d_condition import UNet2DConditionFamily
 
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (UNet2DConditionFamily(),
-                                                                        StableDiffusionXLFamily())}
+                                                                        StableDiffusionXLFamily(), PixArtFamily())}
 
 
 def family_of(model: nn.Module) -> ModelFamily:

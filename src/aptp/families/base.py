@@ -10,11 +10,12 @@ Members, by who uses them:
 * surgery (gates, slicing, costs): :meth:`discover_units`, :meth:`attach_gates`, :meth:`slice`,
   :meth:`check_consistency`, :meth:`base_config`, :meth:`element_magnitudes`, :meth:`feature_modules`,
   :meth:`build_macs_model`, :meth:`measure_macs`, :meth:`example_inputs`, :meth:`default_sample_size`;
-* feature caching across denoising steps: :meth:`deep_modules`;
+* feature caching across denoising steps: :meth:`deep_modules` (and :attr:`residual_cache`);
 * training loops: :meth:`load_pipeline`, :meth:`encode_prompts` (the conditioning of every prompt, as
   named tensors with the prompt as first dimension, cached once) and :meth:`denoise` (one denoiser call
   with that conditioning);
-* pipelines: :meth:`pipeline_around` (the family's own text-to-image pipeline over a given denoiser)
+* pipelines: :meth:`pipeline_around` (the family's own text-to-image pipeline over a given denoiser),
+  :meth:`pipeline_arguments` (what that pipeline's call takes of ``APTPPipeline``'s), :meth:`latent_multiple`
   and :meth:`denoiser`.
 """
 
@@ -30,6 +31,7 @@ from ..caching import feature_cache
 from ..config import DEFAULT_TEXT_LENGTH, UnitOptions
 from ..gates import GateController
 from ..units import MacsModel, UnitLayout
+from ..utils import APTPError
 
 
 class ModelFamily(ABC):
@@ -43,6 +45,15 @@ class ModelFamily(ABC):
     pipeline_class: type
     #: The pipeline attribute that holds the denoiser.
     denoiser_attribute: str = "unet"
+    #: Names the family in messages.
+    description: str
+    #: What ``from_pretrained`` is told besides the folder.
+    load_options: dict = {}
+    #: Feature caching reuses the deep modules' residuals (output - input) rather than their outputs: for
+    #: a chain of residual blocks (a diffusion transformer), whose shallow path has no skip connection.
+    residual_cache: bool = False
+    #: The most text tokens the family's pipeline reads, whatever its tokenizer allows (None: no cap).
+    max_text_length: int | None = None
 
     def owns(self, model: nn.Module) -> bool:
         return isinstance(model, self.denoiser_class)
@@ -90,7 +101,7 @@ class ModelFamily(ABC):
     def feature_cache(self, model: nn.Module, interval: int):
         """A context in which ``model`` reuses its deep features between whole steps (every ``interval``-th
         call runs whole; 1: no caching)."""
-        return feature_cache(model, self.deep_modules(model), interval)
+        return feature_cache(model, self.deep_modules(model), interval, self.residual_cache)
 
     # -- costs ------------------------------------------------------------------------------------
 
@@ -117,8 +128,23 @@ class ModelFamily(ABC):
     # -- training loops and pipelines -------------------------------------------------------------
 
     @abstractmethod
+    def latent_multiple(self, model: nn.Module) -> int:
+        """Latent sizes the model takes are multiples of this."""
+
     def load_pipeline(self, folder, device="cpu", dtype: torch.dtype = torch.float32):
         """The family's text-to-image pipeline from a local diffusers folder, progress bars off."""
+        try:
+            pipeline = self.pipeline_class.from_pretrained(folder, dtype=dtype, **self.load_options)
+        except Exception as error:
+            raise APTPError(f"cannot load a {self.description} pipeline from {folder}: {error}") from None
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline.to(device)
+
+    def pipeline_arguments(self, pipeline, arguments: dict) -> dict:
+        """The keyword arguments of one call of this family's pipeline (:meth:`pipeline_around`) for an
+        ``APTPPipeline`` call's ``arguments`` (those of ``StableDiffusionPipeline``); raises
+        :class:`~aptp.utils.APTPError` for a non-default argument the family's pipeline does not take."""
+        return arguments
 
     @abstractmethod
     def pipeline_around(self, components, denoiser: nn.Module):
@@ -138,4 +164,4 @@ class ModelFamily(ABC):
 
     def text_length(self, pipeline) -> int:
         """Tokens of text the pipeline's text encoder reads."""
-        return pipeline.tokenizer.model_max_length
+        return min(pipeline.tokenizer.model_max_length, self.max_text_length or pipeline.tokenizer.model_max_length)

@@ -13,15 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
+from diffusers import ConfigMixin
+
 from ..config import DEFAULT_TEXT_LENGTH, DEFAULT_VAE_SCALE_FACTOR
 from ..utils import APTPError
-from . import unet2d_condition
 from .presets import PRESETS
 
-UNET_CLASSES = {
-    "UNet2DConditionModel": unet2d_condition.UNet2DConditionModel,
-    "APTPUNet2DConditionModel": unet2d_condition.APTPUNet2DConditionModel,
-}
 MAX_SENSIBLE_TEXT_LENGTH = 1024  # tokenizers without a limit report a huge model_max_length
 
 
@@ -39,19 +36,23 @@ class ModelSource:
         return size * self.vae_scale_factor
 
     def build_meta_unet(self):
-        """The UNet with this config on the meta device."""
+        """The denoiser with this config on the meta device."""
+        from . import FAMILIES
+
+        classes = {cls.__name__: cls for family in FAMILIES.values()
+                   for cls in (family.denoiser_class, family.sliced_class)}
         name = self.unet_config.get("_class_name", "UNet2DConditionModel")
-        cls = UNET_CLASSES.get(name)
+        cls = classes.get(name)
         if cls is None:
             raise APTPError(f"{self.description}: model class {name!r} is not supported "
-                            f"(supported: {', '.join(UNET_CLASSES)})")
+                            f"(supported: {', '.join(classes)})")
         try:
             with torch.device("meta"):
                 return cls.from_config(self.unet_config)
         except APTPError:
             raise
         except Exception as error:  # a config diffusers cannot build
-            raise APTPError(f"{self.description}: cannot build a UNet from its config ({error})") from None
+            raise APTPError(f"{self.description}: cannot build a {name} from its config ({error})") from None
 
 
 def _read_json(path: str) -> dict:
@@ -85,17 +86,21 @@ def _pipeline_vae_scale_factor(folder: str) -> int:
     return DEFAULT_VAE_SCALE_FACTOR
 
 
+DENOISER_FOLDERS = ("unet", "transformer")
+
+
 def _from_folder(folder: str) -> ModelSource:
     if os.path.isfile(os.path.join(folder, "model_index.json")):
-        unet_config = os.path.join(folder, "unet", "config.json")
-        if not os.path.isfile(unet_config):
-            raise APTPError(f"{folder} is a pipeline folder without unet/config.json")
-        return ModelSource(f"pipeline {folder}", _read_json(unet_config), _pipeline_vae_scale_factor(folder),
+        configs = [os.path.join(folder, name, "config.json") for name in DENOISER_FOLDERS]
+        found = [config for config in configs if os.path.isfile(config)]
+        if not found:
+            raise APTPError(f"{folder} is a pipeline folder without unet/config.json or transformer/config.json")
+        return ModelSource(f"pipeline {folder}", _read_json(found[0]), _pipeline_vae_scale_factor(folder),
                            _pipeline_text_length(folder))
     config = os.path.join(folder, "config.json")
     if os.path.isfile(config):
-        return ModelSource(f"UNet {folder}", _read_json(config), DEFAULT_VAE_SCALE_FACTOR, DEFAULT_TEXT_LENGTH)
-    raise APTPError(f"{folder} is not a diffusers UNet or pipeline folder (no config.json or model_index.json)")
+        return ModelSource(f"model {folder}", _read_json(config), DEFAULT_VAE_SCALE_FACTOR, DEFAULT_TEXT_LENGTH)
+    raise APTPError(f"{folder} is not a diffusers model or pipeline folder (no config.json or model_index.json)")
 
 
 def _from_hub(repo_id: str) -> ModelSource:
@@ -106,7 +111,7 @@ def _from_hub(repo_id: str) -> ModelSource:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            config = unet2d_condition.UNet2DConditionModel.load_config(repo_id, subfolder="unet")
+            config = _hub_denoiser_config(repo_id)
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise APTPError(f"{repo_id}: not a local folder or built-in config ({', '.join(PRESETS)}), "
@@ -114,6 +119,15 @@ def _from_hub(repo_id: str) -> ModelSource:
     finally:
         hub_logging.set_verbosity(verbosity)
     return ModelSource(f"hub model {repo_id}", dict(config), DEFAULT_VAE_SCALE_FACTOR, DEFAULT_TEXT_LENGTH)
+
+
+def _hub_denoiser_config(repo_id: str) -> dict:
+    for name in DENOISER_FOLDERS:
+        try:
+            return ConfigMixin.load_config(repo_id, subfolder=name)
+        except EnvironmentError:
+            if name == DENOISER_FOLDERS[-1]:
+                raise
 
 
 def resolve_source(source: str) -> ModelSource:

@@ -304,6 +304,7 @@ out.images, out.experts, out.macs_fraction
                         arguments["negative_prompt_embeds"] = negative_prompt_embeds[members]
                     elif negative_prompt is not None:
                         arguments["negative_prompt"] = [negatives[i] or "" for i in members]
+                    arguments = self.family.pipeline_arguments(self, arguments)
                     with self.family.feature_cache(self.experts[k], cache_interval):
                         generated = self.expert_pipeline(k)(**arguments).images
                     generated = generated.float().cpu() if output_type != "latent" else generated
@@ -330,7 +331,7 @@ out.images, out.experts, out.macs_fraction
 
     def warn_truncated(self, prompts: list[str]) -> None:
         """One line when prompts are longer than the text encoder reads (they are cut, as in diffusers)."""
-        limit = self.tokenizer.model_max_length
+        limit = self.family.text_length(self)
         lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]]
         longer = [i for i, n in enumerate(lengths) if n > limit]
         if longer:
@@ -350,9 +351,8 @@ out.images, out.experts, out.macs_fraction
         if (height is None) != (width is None):
             raise APTPError("give both height and width, or neither")
         if height is not None:
-            # Every down-sampling stage of the UNet halves the latent; the VAE scales pixels to latents.
             vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-            multiple = vae_scale * 2 ** (len(self.experts[0].config.block_out_channels) - 1)
+            multiple = vae_scale * self.family.latent_multiple(self.experts[0])
             for name, value in (("height", height), ("width", width)):
                 if isinstance(value, bool) or not isinstance(value, int) or value < multiple or value % multiple:
                     raise APTPError(f"{name} must be a positive multiple of {multiple} pixels for this model, "

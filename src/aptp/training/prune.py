@@ -48,7 +48,7 @@ from ..routing.encoder import DEFAULT_PROMPT_ENCODER, PromptEncoder
 from ..routing.router import width_floors
 from ..units import UnitLayout, uniform_width_architecture
 from ..utils import APTPError, atomic_folder, write_json_atomic
-from .cache import data_source, encode_dataset, save_tensors_atomic
+from .cache import EMPTY_PROMPT_INDEX, conditioning_of, data_source, encode_dataset, save_tensors_atomic
 from .checkpoint import (
     check_same_settings,
     refuse_other_settings,
@@ -72,6 +72,7 @@ from .common import (
 
 
 DIFFICULTY_WEIGHTINGS = ("plain", "min_snr")
+DIFFICULTY_TARGETS = ("prediction", "guided", "text")
 
 
 @dataclass
@@ -124,6 +125,11 @@ class PruneConfig:
     # How the distance is weighted over timesteps: "plain" (the noise-prediction MSE) or "min_snr" (weighted
     # as the losses are).
     difficulty_weighting: str = "plain"
+    # What is compared: "prediction" (the text-conditioned prediction), "guided" (the classifier-free guided
+    # prediction at difficulty_guidance, what sampling follows) or "text" (conditioned minus unconditioned:
+    # only what the prompt adds).
+    difficulty_target: str = "prediction"
+    difficulty_guidance: float = 4.0
     lambda_code_size: float = 1.0
     difficulty_rows: int = 512  # training rows whose difficulty is measured (once, before training)
     # Timesteps per row: 1 draws one at random; N > 1 averages over N strata of the schedule (one timestep
@@ -175,6 +181,9 @@ class PruneConfig:
                             f"got {self.difficulty_weighting!r}")
         if self.difficulty_timesteps < 1:
             raise APTPError(f"difficulty_timesteps must be >= 1, got {self.difficulty_timesteps}")
+        if self.difficulty_target not in DIFFICULTY_TARGETS:
+            raise APTPError(f"difficulty_target must be one of {', '.join(DIFFICULTY_TARGETS)}, "
+                            f"got {self.difficulty_target!r}")
         if self.difficulty_exponent < 0 or not 0 < self.max_code_fraction <= 1 or self.difficulty_rows < 1:
             raise APTPError("difficulty_exponent must be >= 0, max_code_fraction in (0, 1] and difficulty_rows >= 1")
         try:
@@ -322,18 +331,35 @@ def within_unit_zscores(layout: UnitLayout, values: torch.Tensor) -> torch.Tenso
     return scores
 
 
+def _difficulty_target(family, unet, controller, gates, noisy, timesteps, conditioning, cache, config, device):
+    """The prediction ``prompt_difficulty`` compares (see ``PruneConfig.difficulty_target``)."""
+    with controller.use(gates):
+        conditioned = family.denoise(unet, noisy, timesteps, conditioning).float()
+        if config.difficulty_target == "prediction":
+            return conditioned
+        empty = conditioning_of(cache, torch.full((len(noisy),), EMPTY_PROMPT_INDEX), device)
+        unconditioned = family.denoise(unet, noisy, timesteps, empty).float()
+    if config.difficulty_target == "text":
+        return conditioned - unconditioned
+    return unconditioned + config.difficulty_guidance * (conditioned - unconditioned)
+
+
 @torch.no_grad()
 def prompt_difficulty(family, unet, controller, gates: torch.Tensor, cache: dict, scheduler, scaling: float,
                       config: PruneConfig, cache_file: Path, device, identity: dict) -> torch.Tensor:
     """For the first ``difficulty_rows`` training rows, how far a fixed pruned model (``gates``) is from
-    the dense teacher: the output MSE at one random timestep, or averaged over ``difficulty_timesteps``
-    strata of the schedule (min-SNR weighted if ``difficulty_weighting`` says so). Computed once and cached."""
+    the dense teacher: the MSE of ``difficulty_target`` at one random timestep, or averaged over
+    ``difficulty_timesteps`` strata of the schedule (min-SNR weighted if ``difficulty_weighting`` says so).
+    Computed once and cached."""
     rows = min(config.difficulty_rows, len(cache["prompt_index"]))
     gamma = config.min_snr_gamma if config.difficulty_weighting == "min_snr" else None
     key = {"rows": rows, "budget": config.budget, "seed": config.seed, "min_snr_gamma": gamma,
            "depth": config.depth, "ff_chunks": config.ff_chunks, "identity": identity}
     if config.difficulty_timesteps > 1:
         key["timesteps"] = config.difficulty_timesteps
+    if config.difficulty_target != "prediction":
+        key["target"] = config.difficulty_target
+        key["guidance"] = config.difficulty_guidance if config.difficulty_target == "guided" else None
     key = json.loads(json.dumps(key))
     key_file = cache_file.with_suffix(".json")  # written last: a cache without it is incomplete
     if cache_file.is_file() and key_file.is_file() and json.loads(key_file.read_text()) == key:
@@ -349,10 +375,10 @@ def prompt_difficulty(family, unet, controller, gates: torch.Tensor, cache: dict
                 total = scheduler.config.num_train_timesteps
                 timesteps = (stratum * total + timesteps) // strata
             noisy = scheduler.add_noise(batch["latents"], batch["noise"], timesteps) if strata > 1 else batch["noisy"]
-            with controller.use(None):
-                teacher = family.denoise(unet, noisy, timesteps, batch["conditioning"]).float()
-            with controller.use(gates.to(device)[None]):
-                pruned = family.denoise(unet, noisy, timesteps, batch["conditioning"]).float()
+            teacher = _difficulty_target(family, unet, controller, None, noisy, timesteps, batch["conditioning"],
+                                         cache, config, device)
+            pruned = _difficulty_target(family, unet, controller, gates.to(device)[None], noisy, timesteps,
+                                        batch["conditioning"], cache, config, device)
             error = (pruned - teacher).pow(2).flatten(1).mean(1)
             weights = snr_weights(scheduler, timesteps, gamma)
             difficulty[index] += (error * weights if weights is not None else error).cpu() / strata
