@@ -232,7 +232,7 @@ def cmd_bench_memory(args) -> int:
 def cmd_bench_fullsize(args) -> int:
     from .benchmarks.fullsize import format_rows, run_fullsize
 
-    rows = run_fullsize(args.config, args.out, args.resolution, args.threads)
+    rows = run_fullsize(args.config, args.out, args.resolution, args.threads, tuple(args.stages))
     print(format_rows(args.config, args.resolution, rows))
     return 0 if all(row["rc"] == 0 for row in rows) else 1
 
@@ -600,6 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's choice)")
     memory.set_defaults(func=cmd_bench_memory)
 
+    from .benchmarks.fullsize import STAGES as FULLSIZE_STAGES
+
     fullsize = benches.add_parser("fullsize", help="a published architecture with random weights through prune, "
                                                    "assign, finetune, export and generate: time and peak memory")
     fullsize.add_argument("--config", required=True, choices=["sd15", "sd21", "sdxl", "pixart-sigma"],
@@ -607,6 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_argument(fullsize, required=True, help="working folder (the random pipeline is kept and reused)")
     fullsize.add_argument("--resolution", type=positive_int, default=256, help="pixels (reduced to fit a CPU)")
     fullsize.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's choice)")
+    fullsize.add_argument("--stages", nargs="+", choices=FULLSIZE_STAGES, default=list(FULLSIZE_STAGES),
+                          help="stages to run (export allows experts that were not fine-tuned)")
     fullsize.set_defaults(func=cmd_bench_fullsize)
 
     prune = commands.add_parser("prune", help="train the prompt router and K expert codes under a MACs budget",

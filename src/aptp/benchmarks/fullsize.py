@@ -18,6 +18,7 @@ from pathlib import Path
 from .memory import _peak_rss_bytes
 
 PROMPT = "a red circle on a white background"
+STAGES = ("prune", "assign", "finetune", "export", "generate")
 
 
 def _build(name: str, folder: str, queue) -> None:
@@ -61,7 +62,7 @@ def stage_commands(out: Path, resolution: int) -> list[tuple[str, list[str]]]:
     prune = ["prune", "--output-dir", str(out / "prune"), "--set", f"model={out / 'base'}", f"data={out / 'data'}",
              f"resolution={resolution}", "train_size=4", "val_size=2", "steps=2", "warmup_steps=1", "batch_size=1",
              "num_codes=2", "difficulty_rows=2", "validate_every=0", "checkpoint_every=2"]
-    return [
+    commands = [
         ("prune", prune),
         ("assign", ["assign", "--router", str(router), "--output-dir", str(assign)]),
         ("finetune", ["finetune", "--router", str(router), "--assign", str(assign), "--output-dir", str(experts),
@@ -72,6 +73,8 @@ def stage_commands(out: Path, resolution: int) -> list[tuple[str, list[str]]]:
         ("generate", ["generate", "--pipeline", str(out / "pipeline"), "--output-dir", str(out / "images"),
                       "--steps", "2", "--resolution", str(resolution), PROMPT]),
     ]
+    assert tuple(stage for stage, _ in commands) == STAGES
+    return commands
 
 
 def run_fullsize(name: str, out: str | Path, resolution: int = 256, threads: int = 0,
