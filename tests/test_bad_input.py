@@ -205,6 +205,9 @@ CASES = [
          ("{sd2}", "not an APTPPipeline folder", "StableDiffusionPipeline")),
     Case("bench-memory-router-folder", ["bench", "memory", "--pipeline", "{router}"],
          ("{router}", "not an APTPPipeline folder")),
+    Case("bench-cache-memory-cache-dir-is-a-file", ["bench", "cache-memory", "--cache-dir", "{tmp}/afile"],
+         ("{tmp}/afile", "is a file")),
+    Case("bench-cache-memory-zero-records", ["bench", "cache-memory", "--sizes", "0", "4"], ("--sizes", "positive integer")),
     Case("bench-memory-zero-prompts", ["bench", "memory", "--pipeline", "{pipeline}", "--counts", "0", "4"],
          ("--counts", "positive integer")),
     # aptp prune

@@ -141,3 +141,15 @@ def test_a_single_file_cache_of_earlier_versions_is_converted(tmp_path):
     assert shard_bytes(tmp_path / "old") == shard_bytes(tmp_path / "fresh")
     assert not (tmp_path / "old.safetensors").exists() and not (tmp_path / "old.json").exists()
 
+
+@pytest.mark.slow  # two fresh interpreters importing torch and diffusers
+def test_bench_cache_memory_reads_the_caches_in_fresh_processes(tmp_path, capsys):
+    from aptp.cli import main
+
+    assert main(["bench", "cache-memory", "--sizes", "16", "40", "--steps", "3", "--batch", "4", "--conditioning",
+                 "world", "--cache-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "32x384 fp16 conditioning" in lines[0] and "positioned reads" in lines[0]
+    assert [line.split()[:2] for line in lines[2:4]] == [["16", "17"], ["40", "41"]]
+    assert lines[-1].startswith("  target: peak at 40 records <= 1.15 x peak at 16")
+    assert EncodedCache(tmp_path / "world-40").rows("conditioning.encoder_hidden_states", [40]).shape == (1, 32, 384)
