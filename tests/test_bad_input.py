@@ -100,11 +100,12 @@ def damaged_shard(fx, tmp):
 
 
 def damaged_cache(fx, tmp):
-    write(copy(fx.assign, tmp, "assign") / "cache.safetensors", b"not a safetensors file")
+    shard = copy(fx.assign, tmp, "assign") / "cache" / "records-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated
 
 
 def cache_of_another_base_model(fx, tmp):
-    texts = copy(fx.assign, tmp, "assign") / "cache.json"
+    texts = copy(fx.assign, tmp, "assign") / "cache" / "index.json"
     content = json.loads(texts.read_text())
     content["source"]["model"] = str(tmp / "another-base-model")
     texts.write_text(json.dumps(content))
@@ -204,6 +205,9 @@ CASES = [
          ("{sd2}", "not an APTPPipeline folder", "StableDiffusionPipeline")),
     Case("bench-memory-router-folder", ["bench", "memory", "--pipeline", "{router}"],
          ("{router}", "not an APTPPipeline folder")),
+    Case("bench-cache-memory-cache-dir-is-a-file", ["bench", "cache-memory", "--cache-dir", "{tmp}/afile"],
+         ("{tmp}/afile", "is a file")),
+    Case("bench-cache-memory-zero-records", ["bench", "cache-memory", "--sizes", "0", "4"], ("--sizes", "positive integer")),
     Case("bench-memory-zero-prompts", ["bench", "memory", "--pipeline", "{pipeline}", "--counts", "0", "4"],
          ("--counts", "positive integer")),
     # aptp prune
@@ -267,7 +271,7 @@ CASES = [
          ("{tmp}/assign/expert-0.json", "damaged", "not valid JSON"), damaged_shard),
     Case("finetune-damaged-cache", ["finetune", "--router", "{router}", "--assign", "{tmp}/assign", "--out",
                                     "{tmp}/experts", "--expert", "0"],
-         ("{tmp}/assign/cache.safetensors", "damaged"), damaged_cache),
+         ("{tmp}/assign/cache/records-00000.safetensors", "damaged", "run `aptp assign` again"), damaged_cache),
     Case("finetune-assign-of-another-base-model", ["finetune", "--router", "{router}", "--assign", "{tmp}/assign",
                                                    "--out", "{tmp}/experts", "--expert", "0"],
          ("{tmp}/assign", "another-base-model", "{sd2}"), cache_of_another_base_model),

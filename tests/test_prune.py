@@ -154,10 +154,10 @@ def test_harder_prompts_get_the_bigger_expert(tmp_path):
     import random
 
     from PIL import Image
-    from safetensors.torch import load_file
 
     from aptp import world
     from aptp.experts.run import load_run
+    from aptp.training.cache import EncodedCache
 
     data = tmp_path / "data"
     data.mkdir()
@@ -178,10 +178,9 @@ def test_harder_prompts_get_the_bigger_expert(tmp_path):
                  "steps=150", "warmup_steps=15", "train_size=1800", "val_size=200", "validate_every=0"]) == 0
     experts = json.loads((out / "router" / "experts.json").read_text())["experts"]
     router = load_run(out / "router").router
-    cache = load_file(out / "cache" / "val.safetensors")
-    prompts = json.loads((out / "cache" / "val.json").read_text())["prompts"]
-    index = cache["prompt_index"]
-    routes = router.route(cache["prompt_embeddings"][index]).tolist()
+    cache = EncodedCache(out / "cache" / "val")
+    prompts, index = cache.prompts, cache.prompt_index
+    routes = router.route(cache.rows("prompt_embeddings", index)).tolist()
     empty = [prompts[i] == "nothing at all" for i in index.tolist()]
     easy_code = {r for r, e in zip(routes, empty) if e}
     hard_code = {r for r, e in zip(routes, empty) if not e}

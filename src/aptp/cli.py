@@ -237,6 +237,17 @@ def cmd_bench_fullsize(args) -> int:
     return 0 if all(row["rc"] == 0 for row in rows) else 1
 
 
+def cmd_bench_cache_memory(args) -> int:
+    from .benchmarks.cache_memory import format_rows, run_cache_memory_benchmark
+
+    if args.cache_dir:
+        check_output_folder(args.cache_dir)
+    rows = run_cache_memory_benchmark(tuple(args.sizes), args.conditioning, args.steps, args.batch, args.cache_dir,
+                                      args.reader)
+    print(format_rows(rows))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # aptp prune
 
@@ -599,6 +610,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="APTPPipeline max_batch_size (the default is the pipeline's)")
     memory.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's choice)")
     memory.set_defaults(func=cmd_bench_memory)
+    cache_memory = benches.add_parser("cache-memory", help="peak memory of pruning's data reads, small vs large "
+                                                           "encoded cache")
+    cache_memory.add_argument("--sizes", type=positive_int, nargs="+", default=[5000, 50000],
+                              help="records per synthetic cache")
+    cache_memory.add_argument("--conditioning", choices=["sd21", "world"], default="sd21",
+                              help="conditioning shape per prompt: sd21 77x1024 or world 32x384 (fp16)")
+    cache_memory.add_argument("--steps", type=positive_int, default=1000, help="batches read")
+    cache_memory.add_argument("--batch", type=positive_int, default=32, help="rows per batch")
+    cache_memory.add_argument("--cache-dir", help="keep the synthetic caches here (reused by a later run); "
+                                                 "default: a temporary folder")
+    cache_memory.add_argument("--reader", choices=["rows", "mmap"], default="rows",
+                              help="rows: aptp's positioned reads; mmap: safetensors' memory maps, for comparison")
+    cache_memory.set_defaults(func=cmd_bench_cache_memory)
 
     from .benchmarks.fullsize import STAGES as FULLSIZE_STAGES
 

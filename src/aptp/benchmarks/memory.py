@@ -18,6 +18,13 @@ TARGET = 1.15  # peak(largest count) <= TARGET x peak(smallest count)
 
 
 def _peak_rss_bytes() -> int:
+    # Linux: the peak of this process image. ru_maxrss also keeps, across the exec of a spawned process, the
+    # resident size of the parent's memory the fork shared, so a large parent would inflate a child's peak.
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 

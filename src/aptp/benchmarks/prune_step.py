@@ -34,7 +34,7 @@ def run_prune_step_benchmark(model: str = "world", batch_size: int = 32, repeats
         scaling = state.pipeline.vae.config.scaling_factor
 
         def finetune_step(step: int) -> None:
-            index = batch_index(step, batch_size, len(cache["prompt_index"]), seed, 0, 1)
+            index = batch_index(step, batch_size, len(cache), seed, 0, 1)
             batch = noised_batch(cache, index, state.scheduler, scaling,
                                  sample_seeds(seed, batch_positions(step, batch_size, 0, 1)), "cpu")
             prediction = state.family.denoise(dense, batch["noisy"], batch["timesteps"], batch["conditioning"])

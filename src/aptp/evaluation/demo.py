@@ -138,8 +138,7 @@ def run_baselines(config: DemoConfig, stages: Stages | None = None) -> dict[str,
         if kind == "static":
             def train(folder=folder):
                 for split in ("train", "val"):  # the same data, already encoded by the mixture's pruning run
-                    copy_cache(out / "prune" / "cache" / f"{split}.safetensors",
-                               folder / "prune" / "cache" / f"{split}.safetensors")
+                    copy_cache(out / "prune" / "cache" / split, folder / "prune" / "cache" / split)
                 prune = load_prune_config(None, {**_prune_overrides(config), "num_codes": 1,
                                                  "output_dir": str(folder / "prune")})
                 try:  # a pruning run of other settings or inputs is redone; one of these is kept or resumed

@@ -185,7 +185,8 @@ def train_unet(out: str | Path, vae_path: str | Path, config: UNetTrainConfig | 
     identity = {"vae": folder_identity(vae_path),
                 "init": folder_identity(init / "unet") if init is not None else None}
     if overwrite:
-        remove_outputs(checkpoint, out / "teacher", out / "world-cache.safetensors", out / "world-cache.json")
+        remove_outputs(checkpoint, out / "teacher", out / "world-cache", out / "world-cache.safetensors",
+                       out / "world-cache.json")
     refuse_other_settings(checkpoint, asdict(config), identity=identity)
     out.mkdir(parents=True, exist_ok=True)
     vae = AutoencoderKL.from_pretrained(vae_path).eval().requires_grad_(False)
@@ -205,11 +206,11 @@ def train_unet(out: str | Path, vae_path: str | Path, config: UNetTrainConfig | 
     scaling = vae.config.scaling_factor
     cache = encode_dataset(WorldImages(config.dataset_size, "train", config.seed), vae,
                            lambda prompts: family.encode_prompts(pipeline, prompts, "cpu"),
-                           out / "world-cache.safetensors",
+                           out / "world-cache", command="aptp teacher train",
                            source={"data": "world", "split": "train", "size": config.dataset_size, "seed": config.seed,
                                    "vae": identity["vae"]})
-    size = len(cache["prompt_index"])
-    row_weights = _row_weights(cache["categories"], config.category_weights)
+    size = len(cache)
+    row_weights = _row_weights(cache.categories, config.category_weights)
 
     def step_fn(step: int) -> float:
         generator = _step_generator(config.seed, step)
@@ -217,10 +218,10 @@ def train_unet(out: str | Path, vae_path: str | Path, config: UNetTrainConfig | 
             index = batch_index(step, config.batch_size, size, config.seed, 0, 1)
         else:
             index = torch.multinomial(row_weights, config.batch_size, replacement=True, generator=generator)
-        mean, std = cache["latent_mean"][index], cache["latent_std"][index]
+        mean, std = cache.rows("latent_mean", index), cache.rows("latent_std", index)
         latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
         dropped = torch.rand(len(index), generator=generator) < config.caption_dropout
-        prompt_index = torch.where(dropped, EMPTY_PROMPT_INDEX, cache["prompt_index"][index])
+        prompt_index = torch.where(dropped, EMPTY_PROMPT_INDEX, cache.prompt_index[index])
         conditioning = conditioning_of(cache, prompt_index, "cpu")
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator)

@@ -19,7 +19,7 @@ from ..utils import check_output_folder, write_json_atomic
 from .cache import copy_cache, data_source, encode_dataset
 from .common import make_datasets
 
-CACHE_FILE = "cache.safetensors"
+CACHE_DIR = "cache"
 SUMMARY_FILE = "summary.json"
 
 
@@ -43,23 +43,23 @@ def run_assign(router_dir: str | Path, out: str | Path, data: str | None = None,
     encoder = PromptEncoder(router.config.prompt_encoder, pipeline.device)
     if (data, size, seed) == (trained["data"], trained["train_size"], trained["seed"]):
         # Routing the router's own training data: start from the cache the pruning run already encoded.
-        copy_cache(Path(router_dir).parent / "cache" / "train.safetensors", out / CACHE_FILE)
+        copy_cache(Path(router_dir).parent / "cache" / "train", out / CACHE_DIR)
     cache = encode_dataset(dataset, pipeline.vae, lambda p: family.encode_prompts(pipeline, p, pipeline.device, pruned_for.resolution),
-                           out / CACHE_FILE, encoder.encode,
+                           out / CACHE_DIR, encoder.encode,
                            source=data_source(run.base_model, model_identity(run.base_model), data, dataset,
-                                              pruned_for.resolution, seed, router.config.prompt_encoder, "train"))
+                                              pruned_for.resolution, seed, router.config.prompt_encoder, "train"),
+                           command="aptp assign")
     with torch.no_grad():
-        prompt_routes = router.route(cache["prompt_embeddings"])
-    routes = prompt_routes[cache["prompt_index"]].tolist()
+        prompt_routes = router.route(cache.tensor("prompt_embeddings"))
+    routes = prompt_routes[cache.prompt_index].tolist()
     fractions = [e.macs_fraction for e in run.experts]
-    categories = cache["categories"]
+    categories, prompts, prompt_index = cache.categories, cache.prompts, cache.prompt_index.tolist()
     summary = {"router": str(router_dir), "data": data, "size": size, "seed": seed, "samples": len(routes),
-               "skipped_images": int(cache["skipped"]), "budget": pruned_for.budget, "experts": []}
+               "skipped_images": cache.skipped, "budget": pruned_for.budget, "experts": []}
     for k in range(router.num_codes):
         rows = [i for i, r in enumerate(routes) if r == k]
         write_json_atomic(shard_file(out, k), {"expert": k, "rows": rows,
-                                               "prompts": sorted({cache["prompts"][int(cache["prompt_index"][i])]
-                                                                  for i in rows})})
+                                               "prompts": sorted({prompts[prompt_index[i]] for i in rows})})
         summary["experts"].append({"expert": k, "samples": len(rows), "share": len(rows) / len(routes),
                                    "macs_fraction": fractions[k],
                                    "categories": dict(Counter(str(categories[i]) for i in rows))})

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..base_model import WORLD
 from ..data import CaptionedImages, WorldImages, load_cc3m, load_coco, load_imagefolder
 from ..utils import APTPError
-from .cache import conditioning_of
+from .cache import EncodedCache, conditioning_of
 
 MIXED_PRECISION = ("no", "fp16", "bf16")  # what Accelerate runs for any model
 
@@ -93,13 +93,13 @@ def snr_weights(scheduler, timesteps, gamma: float | None) -> torch.Tensor | Non
     return weight + 1 if scheduler.config.prediction_type == "v_prediction" else weight
 
 
-def noised_batch(cache: dict, rows: torch.Tensor, scheduler, scaling: float, seeds: torch.Tensor,
+def noised_batch(cache: EncodedCache, rows: torch.Tensor, scheduler, scaling: float, seeds: torch.Tensor,
                  device) -> dict[str, torch.Tensor]:
     """Rows ``rows`` of an encoded dataset (:func:`~aptp.training.cache.encode_dataset`), noised at random
     training timesteps: ``latents`` (a sample of each posterior), ``noise``, ``conditioning`` (the denoiser's,
     by name), ``timesteps``, ``noisy`` and the model's ``target``. Row i draws from a CPU generator seeded with ``seeds[i]``, so a step is reproducible
     and a sample's draws are the same however the batch is split across processes."""
-    mean, std = cache["latent_mean"][rows], cache["latent_std"][rows]
+    mean, std = cache.rows("latent_mean", rows), cache.rows("latent_std", rows)
     shape = mean.shape[1:]
     draws = []
     for seed in seeds.tolist():
@@ -108,7 +108,7 @@ def noised_batch(cache: dict, rows: torch.Tensor, scheduler, scaling: float, see
                       torch.randint(0, scheduler.config.num_train_timesteps, (), generator=generator)))
     posterior, noise, timesteps = (torch.stack(parts) for parts in zip(*draws))
     latents = ((mean + std * posterior) * scaling).to(device)
-    conditioning = conditioning_of(cache, cache["prompt_index"][rows], device)
+    conditioning = conditioning_of(cache, cache.prompt_index[rows], device)
     noise, timesteps = noise.to(device), timesteps.to(device)
     return {"latents": latents, "noise": noise, "conditioning": conditioning, "timesteps": timesteps,
             "noisy": scheduler.add_noise(latents, noise, timesteps),

@@ -19,15 +19,15 @@ from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
 from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file
 from torch import nn
 
 from ..base_model import load_base_pipeline, model_identity
 from ..config import config_from_dict
 from ..experts.run import PrunedRun, expert_folder, load_run
 from ..imaging import comparison_grid, save_image_atomic, to_pil
-from ..utils import APTPError, atomic_folder, check_output_folder, error_summary, read_json, write_json_atomic
-from .assign import CACHE_FILE, shard_file
+from ..utils import APTPError, atomic_folder, check_output_folder, read_json, write_json_atomic
+from .assign import CACHE_DIR, shard_file
+from .cache import EncodedCache
 from .checkpoint import check_same_settings, refuse_other_settings, remove_outputs, resume_checkpoint, save_checkpoint
 from .common import (
     MIXED_PRECISION,
@@ -109,27 +109,16 @@ def read_shard(assign_dir: str | Path, expert: int) -> list[int]:
     return rows
 
 
-def load_assigned_cache(assign_dir: str | Path, base_model: str) -> tuple[dict, list[str]]:
-    """The dataset ``aptp assign`` encoded into ``assign_dir`` (tensors, prompts), checked to come from
-    ``base_model``."""
-    cache_file = Path(assign_dir) / CACHE_FILE
-    if not cache_file.is_file():
-        raise APTPError(f"no {CACHE_FILE} in {assign_dir}; run `aptp assign` first")
-    text_file = cache_file.with_suffix(".json")
-    texts = read_json(text_file, "prompt list of the encoded dataset")
-    if not isinstance(texts, dict) or not isinstance(texts.get("prompts"), list):
-        raise APTPError(f"{text_file} is damaged (no prompt list); run `aptp assign` again")
-    source = (texts.get("source") or {}).get("model")
+def load_assigned_cache(assign_dir: str | Path, base_model: str) -> EncodedCache:
+    """The dataset ``aptp assign`` encoded into ``assign_dir``, checked to come from ``base_model``."""
+    cache = EncodedCache(Path(assign_dir) / CACHE_DIR, "aptp assign")
+    source = cache.source.get("model") if isinstance(cache.source, dict) else None
     if source is not None and source != base_model:
         raise APTPError(f"{assign_dir} was encoded with the base model {source}, not this router's {base_model}; "
                         "run `aptp assign` with this router")
-    try:
-        cache = load_file(cache_file)
-    except Exception as error:  # truncated or not a safetensors file
-        raise APTPError(f"{cache_file} is damaged ({error_summary(error)}); run `aptp assign` again") from None
-    if "latent_mean" not in cache:
-        raise APTPError(f"{cache_file} is damaged (not an encoded dataset); run `aptp assign` again")
-    return cache, texts["prompts"]
+    if "latent_mean" not in cache or not cache.conditioning:
+        raise APTPError(f"{cache.folder} is damaged (not an encoded dataset); run `aptp assign` again")
+    return cache
 
 
 def run_finetune(router_dir: str | Path, assign_dir: str | Path, expert: int, out: str | Path,
@@ -157,13 +146,14 @@ def finetune_architecture(run: PrunedRun, architecture: dict, assign_dir: str | 
     base_model, options, family = run.base_model, run.pruned_for.unit_options, run.family
     info = {**(info or {}), **run.pruned_for.pruned_at()}
     out = check_output_folder(out)
-    cache, prompts = load_assigned_cache(assign_dir, base_model)  # bad input fails before the model loads
-    if max(rows, default=0) >= len(cache["latent_mean"]):
+    cache = load_assigned_cache(assign_dir, base_model)  # bad input fails before the model loads
+    prompts, prompt_index = cache.prompts, cache.prompt_index.tolist()
+    if max(rows, default=0) >= len(cache):
         raise APTPError(f"the routed rows do not match the encoded dataset in {assign_dir}; run `aptp assign` again")
     checkpoint = out.with_name(out.name + "-checkpoint")
     # At a constant learning rate, more steps extend a run exactly; every other change mixes two runs.
     free = ("steps",) if config.lr_schedule == "constant" else ()
-    shard = hashlib.sha256(json.dumps([[r, prompts[int(cache["prompt_index"][r])]] for r in rows]).encode())
+    shard = hashlib.sha256(json.dumps([[r, prompts[prompt_index[r]]] for r in rows]).encode())
     identity = {"base_model": model_identity(base_model), "shard": {"rows": len(rows), "hash": shard.hexdigest()[:16]},
                 "architecture": hashlib.sha256(json.dumps(architecture, sort_keys=True).encode()).hexdigest()[:16]}
     if overwrite:
@@ -233,7 +223,7 @@ def finetune_architecture(run: PrunedRun, architecture: dict, assign_dir: str | 
         accelerator.wait_for_everyone()
 
     def validate(step: int) -> None:
-        expert_prompts = [prompts[int(cache["prompt_index"][r])] for r in rows[:config.validation_prompts]]
+        expert_prompts = [prompts[prompt_index[r]] for r in rows[:config.validation_prompts]]
         unet = accelerator.unwrap_model(student).eval()
         images = {}
         for name, model in (("dense", teacher), (out.name, unet)):

@@ -48,7 +48,7 @@ from ..routing.encoder import DEFAULT_PROMPT_ENCODER, PromptEncoder
 from ..routing.router import width_floors
 from ..units import UnitLayout, uniform_width_architecture
 from ..utils import APTPError, atomic_folder, write_json_atomic
-from .cache import EMPTY_PROMPT_INDEX, conditioning_of, data_source, encode_dataset, save_tensors_atomic
+from .cache import EMPTY_PROMPT_INDEX, EncodedCache, conditioning_of, data_source, encode_dataset, save_tensors_atomic
 from .checkpoint import (
     check_same_settings,
     refuse_other_settings,
@@ -240,8 +240,8 @@ class PruneState:
     optimizer: torch.optim.Optimizer
     scheduler: DDPMScheduler
     recorder: BlockRecorder
-    train: dict
-    val: dict
+    train: EncodedCache
+    val: EncodedCache
     latent_size: tuple[int, int]
     resolution: int
     text_length: int
@@ -287,11 +287,11 @@ def prepare(config: PruneConfig) -> PruneState:
                            config.prompt_encoder, split)
 
     with accelerator.main_process_first():
-        train = encode_dataset(train_set, pipeline.vae, conditioning, out / "cache" / "train.safetensors",
-                               encoder.encode, source=source("train", train_set))
+        train = encode_dataset(train_set, pipeline.vae, conditioning, out / "cache" / "train", encoder.encode,
+                               source=source("train", train_set), command="aptp prune")
         # The validation records of a dataset follow its training records: their source names both sizes.
-        val = encode_dataset(val_set, pipeline.vae, conditioning, out / "cache" / "val.safetensors", encoder.encode,
-                             source=source(f"val after {config.train_size}", val_set))
+        val = encode_dataset(val_set, pipeline.vae, conditioning, out / "cache" / "val", encoder.encode,
+                             source=source(f"val after {config.train_size}", val_set), command="aptp prune")
     router = PromptRouter(
         units=macs_model.layout.to_dict(), num_codes=config.num_codes, prompt_dim=encoder.dim,
         arch_dim=config.arch_dim, hidden_dim=config.hidden_dim, hyper_hidden_dim=config.hyper_hidden_dim,
@@ -345,13 +345,13 @@ def _difficulty_target(family, unet, controller, gates, noisy, timesteps, condit
 
 
 @torch.no_grad()
-def prompt_difficulty(family, unet, controller, gates: torch.Tensor, cache: dict, scheduler, scaling: float,
+def prompt_difficulty(family, unet, controller, gates: torch.Tensor, cache: EncodedCache, scheduler, scaling: float,
                       config: PruneConfig, cache_file: Path, device, identity: dict) -> torch.Tensor:
     """For the first ``difficulty_rows`` training rows, how far a fixed pruned model (``gates``) is from
     the dense teacher: the MSE of ``difficulty_target`` at one random timestep, or averaged over
     ``difficulty_timesteps`` strata of the schedule (min-SNR weighted if ``difficulty_weighting`` says so).
     Computed once and cached."""
-    rows = min(config.difficulty_rows, len(cache["prompt_index"]))
+    rows = min(config.difficulty_rows, len(cache))
     gamma = config.min_snr_gamma if config.difficulty_weighting == "min_snr" else None
     key = {"rows": rows, "budget": config.budget, "seed": config.seed, "min_snr_gamma": gamma,
            "depth": config.depth, "ff_chunks": config.ff_chunks, "identity": identity}
@@ -388,10 +388,10 @@ def prompt_difficulty(family, unet, controller, gates: torch.Tensor, cache: dict
 
 
 @torch.no_grad()
-def code_difficulty(router: PromptRouter, train: dict, difficulty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def code_difficulty(router: PromptRouter, train: EncodedCache, difficulty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean difficulty of the measured training rows each code receives by argmax routing, and its share of them."""
-    rows = train["prompt_index"][:len(difficulty)]
-    routes = router.route(train["prompt_embeddings"][rows].to(router.codes.device)).cpu()
+    embeddings = train.rows("prompt_embeddings", train.prompt_index[:len(difficulty)])
+    routes = router.route(embeddings.to(router.codes.device)).cpu()
     counts = torch.bincount(routes, minlength=router.num_codes).double()
     sums = torch.zeros(router.num_codes, dtype=torch.float64).index_add_(0, routes, difficulty.double())
     mean = torch.where(counts > 0, sums / counts.clamp_min(1), difficulty.double().mean())
@@ -413,13 +413,13 @@ def prune_step(config: PruneConfig, state: PruneState, step: int) -> dict[str, f
     """One optimisation step of the router; returns the loss terms."""
     accelerator, router, unet = state.accelerator, state.accelerator.unwrap_model(state.router), state.unet
     device = accelerator.device
-    size = len(state.train["prompt_index"])
+    size = len(state.train)
     rank, world = accelerator.process_index, accelerator.num_processes
     index = batch_index(step, config.batch_size, size, config.seed, rank, world)
     seeds = sample_seeds(config.seed, batch_positions(step, config.batch_size, rank, world))
     batch = noised_batch(state.train, index, state.scheduler, state.pipeline.vae.config.scaling_factor, seeds, device)
     noisy, timesteps, conditioning = batch["noisy"], batch["timesteps"], batch["conditioning"]
-    prompt_embeddings = state.train["prompt_embeddings"][state.train["prompt_index"][index]].to(device)
+    prompt_embeddings = state.train.rows("prompt_embeddings", state.train.prompt_index[index]).to(device)
 
     warming_up = step < config.warmup_steps
     # Through the wrapper: under DDP this is what synchronises the router's gradients. The gate seed is
@@ -491,14 +491,14 @@ def summarize_experts(state: PruneState) -> dict:
     router = state.accelerator.unwrap_model(state.router)
     architectures = router.expert_architectures()
     fractions = [state.macs_model.macs_of(a) / state.macs_model.dense for a in architectures]
-    prompt_embeddings = state.val["prompt_embeddings"][state.val["prompt_index"]].to(state.accelerator.device)
+    prompt_embeddings = state.val.rows("prompt_embeddings", state.val.prompt_index).to(state.accelerator.device)
     routes = router.route(prompt_embeddings).cpu()
     counts = torch.bincount(routes, minlength=router.num_codes)
     share = (counts.float() / len(routes)).tolist()
     mean_fraction = float(torch.tensor(fractions, dtype=torch.float64)[routes].mean())
     summary = {"architectures": architectures, "macs_fraction": fractions, "val_share": share,
                "val_mean_macs_fraction": mean_fraction, "val_prompts": len(routes)}
-    categories = state.train.get("categories", [])[:len(state.difficulty) if state.difficulty is not None else 0]
+    categories = state.train.categories[:len(state.difficulty) if state.difficulty is not None else 0]
     if categories and all(categories):
         summary["difficulty_by_category"] = {
             c: float(state.difficulty[[i for i, x in enumerate(categories) if x == c]].mean())
@@ -512,9 +512,9 @@ def validation_grid(state: PruneState, config: PruneConfig, path: Path) -> None:
     from ..imaging import comparison_grid, save_image_atomic, to_pil
 
     router = state.accelerator.unwrap_model(state.router)
-    val_prompts = state.val["prompt_index"]
-    routes = router.route(state.val["prompt_embeddings"][val_prompts].to(state.accelerator.device)).cpu()
-    prompts = state.val["prompts"]
+    val_prompts = state.val.prompt_index
+    routes = router.route(state.val.rows("prompt_embeddings", val_prompts).to(state.accelerator.device)).cpu()
+    prompts = state.val.prompts
     labels, images = [], []
     for k, architecture in enumerate(router.expert_architectures()):
         members = torch.nonzero(routes == k).flatten()
