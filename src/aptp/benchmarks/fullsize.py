@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import shutil
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from .memory import _peak_rss_bytes
 
 PROMPT = "a red circle on a white background"
 STAGES = ("prune", "assign", "finetune", "export", "generate")
+OUTPUTS = {"prune": "prune", "assign": "assign", "finetune": "experts", "export": "pipeline", "generate": "images"}
 
 
 def _build(name: str, folder: str, queue) -> None:
@@ -93,6 +95,7 @@ def run_fullsize(name: str, out: str | Path, resolution: int = 256, threads: int
     for stage, argv in stage_commands(out, resolution):
         if stages and stage not in stages or rows and rows[-1]["rc"] != 0:
             continue
+        shutil.rmtree(out / OUTPUTS[stage], ignore_errors=True)  # a finished earlier run would make it instant
         rows.append({"stage": stage, **_in_process(_command, (argv, threads))})
     (out / "fullsize.json").write_text(json.dumps({"config": name, "resolution": resolution, "threads": threads,
                                                     "stages": rows}, indent=2))
