@@ -63,7 +63,10 @@ def stage_commands(out: Path, resolution: int) -> list[tuple[str, list[str]]]:
     router, assign, experts = out / "prune" / "router", out / "assign", out / "experts"
     prune = ["prune", "--output-dir", str(out / "prune"), "--set", f"model={out / 'base'}", f"data={out / 'data'}",
              f"resolution={resolution}", "train_size=4", "val_size=2", "steps=2", "warmup_steps=1", "batch_size=1",
-             "num_codes=2", "difficulty_rows=2", "validate_every=0", "checkpoint_every=2"]
+             "num_codes=2", "difficulty_rows=2", "validate_every=0", "checkpoint_every=2",
+             # Two steps cannot close gates that start open: starting them closed leaves experts at the width
+             # floors, so the later stages slice, fine-tune and serve really pruned models.
+             "gate_offset=-6"]
     commands = [
         ("prune", prune),
         ("assign", ["assign", "--router", str(router), "--output-dir", str(assign)]),
