@@ -193,3 +193,7 @@ def test_the_cli_flow_runs_on_the_family(family_name, tmp_path):
     assert main(["generate", "--pipeline", str(tmp_path / "pipeline"), "--output-dir", str(tmp_path / "small"),
                  "--steps", "2", "--resolution", "32", PROMPTS[0]]) == 0
     assert Image.open(tmp_path / "small" / "00000.png").size == (32, 32)
+    assert main(["evaluate", "--pipeline", str(tmp_path / "pipeline"), "--output-dir", str(tmp_path / "report"),
+                 "--set", "per_category=1", "steps=2", "latency_repeats=1"]) == 0
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"dense", "APTP"}

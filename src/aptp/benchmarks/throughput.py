@@ -30,8 +30,11 @@ def run_throughput_benchmark(pipeline_dir: str, batch_size: int = 64, steps: int
 
     def run(pipeline) -> object:
         generators = [torch.Generator().manual_seed(i) for i in range(batch_size)]
-        return pipeline(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
-                        output_type="pt")
+        arguments = {"num_inference_steps": steps, "guidance_scale": guidance_scale, "generator": generators,
+                     "output_type": "pt"}
+        if pipeline is dense:  # the family's own pipeline: what it takes of these (APTPPipeline does this itself)
+            arguments = aptp.family.pipeline_arguments(dense, arguments)
+        return pipeline(prompts, **arguments)
 
     timings = {"dense": [], "aptp": []}
     fractions = None

@@ -79,9 +79,10 @@ def single_unet_candidate(name: str, base, unet, macs_fraction: float, scheduler
     pipeline = use_scheduler(family.pipeline_around(base, unet), scheduler)
 
     def generate(prompts, generators, steps, guidance):
+        arguments = family.pipeline_arguments(pipeline, {"num_inference_steps": steps, "guidance_scale": guidance,
+                                                         "generator": generators, "output_type": "pt"})
         with family.feature_cache(unet, cache_interval):
-            images = pipeline(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                              output_type="pt").images
+            images = pipeline(prompts, **arguments).images
         return images.float().cpu(), [macs_fraction] * len(prompts), [0] * len(prompts)
 
     return Candidate(name, generate, [unet], sum(p.numel() for p in unet.parameters()))

@@ -34,6 +34,17 @@ from ..utils import APTPError, error_summary, read_json, write_json_atomic
 logger = diffusers_logging.get_logger(__name__)
 
 
+class _NoEmptyFloat32Warning(logging.Filter):
+    """diffusers' ``ModelMixin.to`` warns that a dtype cast may break modules kept in float32 even when a model
+    keeps none (``[]``), on every cast of every component: only that empty case is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "that should be kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_NoEmptyFloat32Warning())
+
+
 @contextmanager
 def quiet_truncation(family: ModelFamily):
     """diffusers pipelines log the whole cut-off part of a long prompt (hundreds of KB for a long caption);
