@@ -232,7 +232,8 @@ def cmd_bench_memory(args) -> int:
 def cmd_bench_fullsize(args) -> int:
     from .benchmarks.fullsize import format_rows, run_fullsize
 
-    rows = run_fullsize(args.config, args.out, args.resolution, args.threads, tuple(args.stages))
+    rows = run_fullsize(args.config, args.out, args.resolution, args.threads, tuple(args.stages),
+                        tuple(args.set or ()))
     print(format_rows(args.config, args.resolution, rows))
     return 0 if all(row["rc"] == 0 for row in rows) else 1
 
@@ -635,6 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     fullsize.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's choice)")
     fullsize.add_argument("--stages", nargs="+", choices=FULLSIZE_STAGES, default=list(FULLSIZE_STAGES),
                           help="stages to run (export allows experts that were not fine-tuned)")
+    fullsize.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+                          help="override pruning settings, e.g. budget=0.15 (see `aptp prune --help`)")
     fullsize.set_defaults(func=cmd_bench_fullsize)
 
     prune = commands.add_parser("prune", help="train the prompt router and K expert codes under a MACs budget",

@@ -59,14 +59,14 @@ def _in_process(target, args) -> dict:
     return row
 
 
-def stage_commands(out: Path, resolution: int) -> list[tuple[str, list[str]]]:
+def stage_commands(out: Path, resolution: int, prune_settings: tuple[str, ...] = ()) -> list[tuple[str, list[str]]]:
     router, assign, experts = out / "prune" / "router", out / "assign", out / "experts"
     prune = ["prune", "--output-dir", str(out / "prune"), "--set", f"model={out / 'base'}", f"data={out / 'data'}",
              f"resolution={resolution}", "train_size=4", "val_size=2", "steps=2", "warmup_steps=1", "batch_size=1",
              "num_codes=2", "difficulty_rows=2", "validate_every=0", "checkpoint_every=2",
              # Two steps cannot close gates that start open: starting them closed leaves experts at the width
              # floors, so the later stages slice, fine-tune and serve really pruned models.
-             "gate_offset=-6"]
+             "gate_offset=-6", *prune_settings]
     commands = [
         ("prune", prune),
         ("assign", ["assign", "--router", str(router), "--output-dir", str(assign)]),
@@ -83,9 +83,10 @@ def stage_commands(out: Path, resolution: int) -> list[tuple[str, list[str]]]:
 
 
 def run_fullsize(name: str, out: str | Path, resolution: int = 256, threads: int = 0,
-                 stages: tuple[str, ...] | None = None) -> list[dict]:
+                 stages: tuple[str, ...] | None = None, prune_settings: tuple[str, ...] = ()) -> list[dict]:
     """One row per stage (``build`` first): seconds, peak RSS, exit code; also written to ``OUT/fullsize.json``.
-    A stage that fails stops the run."""
+    ``prune_settings`` (``KEY=VALUE``) override the pruning settings, e.g. a smaller budget and width floors so
+    that fine-tuning fits in memory. A stage that fails stops the run."""
     from ..world import export_imagefolder
 
     out = Path(out)
@@ -95,13 +96,14 @@ def run_fullsize(name: str, out: str | Path, resolution: int = 256, threads: int
         rows.append({"stage": "build", **_in_process(_build, (name, str(out / "base")))})
     if not (out / "data" / "metadata.jsonl").is_file():
         export_imagefolder(out / "data", 6, "train", seed=0)
-    for stage, argv in stage_commands(out, resolution):
+    for stage, argv in stage_commands(out, resolution, prune_settings):
         if stages and stage not in stages or rows and rows[-1]["rc"] != 0:
             continue
         shutil.rmtree(out / OUTPUTS[stage], ignore_errors=True)  # a finished earlier run would make it instant
         rows.append({"stage": stage, **_in_process(_command, (argv, threads))})
     (out / "fullsize.json").write_text(json.dumps({"config": name, "resolution": resolution, "threads": threads,
-                                                    "stages": rows}, indent=2))
+                                                    "prune_settings": list(prune_settings), "stages": rows},
+                                                   indent=2))
     return rows
 
 
