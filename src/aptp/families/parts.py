@@ -19,11 +19,11 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 from diffusers.models.activations import GEGLU, GELU, ApproximateGELU, LinearActivation, SwiGLU
 from diffusers.models.attention import FeedForward
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor
 from torch import nn
 
 from ..config import UnitOptions
-from ..costs import trace_module_macs
+from ..costs import flop_counter_macs, trace_module_macs
 from ..gates import GateSite
 from ..slicing import select_channels, slice_linear
 from ..units import MacsModel, UnitLayout, UnitSpec
@@ -218,6 +218,16 @@ def sliced_copy(model: nn.Module, units: list[Unit], architecture: Mapping[str, 
     return expert
 
 
+def build_with_widths(model: nn.Module, aptp_widths: Mapping | None, surgery: Surgery,
+                      check: Callable[[nn.Module], None]) -> None:
+    """What a sliced class's ``__init__`` does after its base class built the dense model: record the widths in
+    the config, give the modules those widths, and check the result."""
+    widths = {str(k): int(v) for k, v in (aptp_widths or {}).items()}
+    model.register_to_config(aptp_widths=widths)
+    apply_widths(model, widths, surgery)
+    check(model)
+
+
 def accept_widths_in_config(sliced_class: type, base_class: type) -> None:
     """ConfigMixin reads the accepted config keys from ``__init__``'s signature: the base class's keys
     plus ``aptp_widths``."""
@@ -297,6 +307,22 @@ def meta_twin(model: nn.Module) -> nn.Module:
     """A weightless copy of ``model`` with the same architecture (built from its config)."""
     with torch.device("meta"):
         return type(model).from_config(model.config)
+
+
+def default_sample_size(model: nn.Module) -> tuple[int, int]:
+    """The latent size the model's config names."""
+    size = model.config.sample_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def counted_macs(model: nn.Module, example_inputs: Callable, sample_size: tuple[int, int] | None,
+                 text_length: int) -> float:
+    """MACs of one forward at batch 1 counted by ``FlopCounterMode`` on a weightless twin; attention uses the
+    plain processor so its matmuls are visible to the counter."""
+    twin = meta_twin(model)
+    twin.set_attn_processor(AttnProcessor())
+    inputs = example_inputs(twin, sample_size or default_sample_size(model), text_length)
+    return flop_counter_macs(lambda: twin(**inputs))
 
 
 def analytic_macs(twin: nn.Module, units: list[Unit], inputs: dict, sample_size: tuple[int, int], text_length: int,

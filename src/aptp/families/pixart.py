@@ -17,11 +17,9 @@ import torch
 # APTPPixArtTransformer2DModel as a component (a PixArtSigmaPipeline saved with an expert as its transformer).
 from diffusers import ModelMixin, PixArtSigmaPipeline, PixArtTransformer2DModel  # noqa: F401
 from diffusers.models.attention import BasicTransformerBlock
-from diffusers.models.attention_processor import AttnProcessor
 from torch import nn
 
 from ..config import DEFAULT_TEXT_LENGTH, UnitOptions
-from ..costs import flop_counter_macs
 from ..gates import GateController, GateSite
 from ..slicing import check_layer_attributes
 from ..units import MacsModel, UnitLayout, UnitSpec
@@ -32,6 +30,9 @@ from .parts import (
     Surgery,
     Unit,
     accept_widths_in_config,
+    build_with_widths,
+    counted_macs,
+    default_sample_size,
     analytic_macs,
     attention_ff_magnitudes,
     attention_ff_problems,
@@ -47,7 +48,6 @@ from .parts import (
     width_of,
     width_problems,
 )
-from .parts import apply_widths as _apply_widths
 
 NAME = "pixart"
 # StableDiffusionPipeline call arguments PixArtSigmaPipeline does not take, with the values that mean "unused".
@@ -118,10 +118,7 @@ class APTPPixArtTransformer2DModel(PixArtTransformer2DModel):
 
     def __init__(self, *, aptp_widths: dict | None = None, **kwargs):
         super().__init__(**kwargs)
-        widths = {str(k): int(v) for k, v in (aptp_widths or {}).items()}
-        self.register_to_config(aptp_widths=widths)
-        _apply_widths(self, widths, SURGERY)
-        check_consistency(self)
+        build_with_widths(self, aptp_widths, SURGERY, check_consistency)
 
 
 accept_widths_in_config(APTPPixArtTransformer2DModel, PixArtTransformer2DModel)
@@ -177,19 +174,10 @@ def example_inputs(model: nn.Module, sample_size: tuple[int, int], text_length: 
     }
 
 
-def default_sample_size(model: nn.Module) -> tuple[int, int]:
-    size = model.config.sample_size
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
 def measure_macs(model: nn.Module, sample_size: tuple[int, int] | None = None,
                  text_length: int = DEFAULT_TEXT_LENGTH) -> float:
-    """MACs of one forward at batch 1 counted by ``FlopCounterMode`` on a weightless twin (plain
-    attention processor, so its matmuls are visible to the counter)."""
-    twin = meta_twin(model)
-    twin.set_attn_processor(AttnProcessor())
-    inputs = example_inputs(twin, sample_size or default_sample_size(model), text_length)
-    return flop_counter_macs(lambda: twin(**inputs))
+    """MACs of one forward at batch 1 as ``FlopCounterMode`` counts them."""
+    return counted_macs(model, example_inputs, sample_size, text_length)
 
 
 def build_macs_model(model: nn.Module, sample_size: tuple[int, int] | None = None,

@@ -20,14 +20,12 @@ import torch
 # ModelMixin is looked up by name in this module when a diffusers pipeline folder names
 # APTPUNet2DConditionModel as a component (e.g. a StableDiffusionPipeline saved with an expert as its UNet).
 from diffusers import ModelMixin, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401
-from diffusers.models.attention_processor import AttnProcessor
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 from ..config import DEFAULT_TEXT_LENGTH, UnitOptions
-from ..costs import flop_counter_macs
 from ..gates import GateController, GateSite
 from ..slicing import check_layer_attributes, select_channels, slice_conv2d, slice_group_norm, slice_linear
 from ..units import MacsModel, UnitLayout, UnitSpec
@@ -38,6 +36,9 @@ from .parts import (
     Surgery,
     Unit,
     accept_widths_in_config,
+    build_with_widths,
+    counted_macs,
+    default_sample_size,
     analytic_macs,
     attention_ff_magnitudes,
     attention_ff_problems,
@@ -226,10 +227,7 @@ class APTPUNet2DConditionModel(UNet2DConditionModel):
 
     def __init__(self, *, aptp_widths: dict | None = None, **kwargs):
         super().__init__(**kwargs)
-        widths = {str(k): int(v) for k, v in (aptp_widths or {}).items()}
-        self.register_to_config(aptp_widths=widths)
-        apply_widths(self, widths)
-        check_consistency(self)
+        build_with_widths(self, aptp_widths, SURGERY, check_consistency)
 
 
 accept_widths_in_config(APTPUNet2DConditionModel, UNet2DConditionModel)
@@ -338,21 +336,10 @@ def example_inputs(unet: nn.Module, sample_size: tuple[int, int], text_length: i
     return kwargs
 
 
-def default_sample_size(unet: nn.Module) -> tuple[int, int]:
-    size = unet.config.sample_size
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
 def measure_macs(unet: nn.Module, sample_size: tuple[int, int] | None = None,
                  text_length: int = DEFAULT_TEXT_LENGTH) -> float:
-    """MACs of one forward at batch 1 counted by ``FlopCounterMode`` on a weightless twin.
-
-    Attention uses the plain processor so its matmuls are visible to the counter.
-    """
-    twin = meta_twin(unet)
-    twin.set_attn_processor(AttnProcessor())
-    inputs = example_inputs(twin, sample_size or default_sample_size(unet), text_length)
-    return flop_counter_macs(lambda: twin(**inputs))
+    """MACs of one forward at batch 1 as ``FlopCounterMode`` counts them."""
+    return counted_macs(unet, example_inputs, sample_size, text_length)
 
 
 def build_macs_model(unet: nn.Module, sample_size: tuple[int, int] | None = None,
