@@ -232,6 +232,7 @@ def cmd_bench_memory(args) -> int:
 def cmd_bench_fullsize(args) -> int:
     from .benchmarks.fullsize import format_rows, run_fullsize
 
+    check_output_folder(args.out)
     rows = run_fullsize(args.config, args.out, args.resolution, args.threads, tuple(args.stages),
                         tuple(args.set or ()))
     print(format_rows(args.config, args.resolution, rows))
@@ -399,9 +400,10 @@ def cmd_generate(args) -> int:
         pipeline = APTPPipeline.from_pretrained(args.pipeline).to(*resolve_device(args.device, args.dtype))
     pipeline.set_progress_bar_config(disable=True)
     use_scheduler(pipeline, args.scheduler)
+    resolution = args.resolution or pipeline.pruned_for.resolution
+    pipeline.check_settings(args.steps, args.guidance_scale, resolution, resolution, "pil", args.batch_size)
     warn_untrained(pipeline, args.pipeline)
     limit = pipeline.family.text_length(pipeline)
-    resolution = args.resolution or pipeline.pruned_for.resolution
     records = []
     for start in tqdm(range(0, len(prompts), args.batch_size), desc="generating", unit="batch"):
         batch = prompts[start:start + args.batch_size]
