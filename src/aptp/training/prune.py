@@ -331,13 +331,13 @@ def within_unit_zscores(layout: UnitLayout, values: torch.Tensor) -> torch.Tenso
     return scores
 
 
-def _difficulty_target(family, unet, controller, gates, noisy, timesteps, conditioning, cache, config, device):
-    """The prediction ``prompt_difficulty`` compares (see ``PruneConfig.difficulty_target``)."""
+def _difficulty_target(family, unet, controller, gates, noisy, timesteps, conditioning, empty, config):
+    """The prediction ``prompt_difficulty`` compares (see ``PruneConfig.difficulty_target``); ``empty`` is the
+    empty prompt's conditioning, for the targets that need the unconditioned prediction."""
     with controller.use(gates):
         conditioned = family.denoise(unet, noisy, timesteps, conditioning).float()
         if config.difficulty_target == "prediction":
             return conditioned
-        empty = conditioning_of(cache, torch.full((len(noisy),), EMPTY_PROMPT_INDEX), device)
         unconditioned = family.denoise(unet, noisy, timesteps, empty).float()
     if config.difficulty_target == "text":
         return conditioned - unconditioned
@@ -368,6 +368,8 @@ def prompt_difficulty(family, unet, controller, gates: torch.Tensor, cache: Enco
     for start in tqdm(range(0, rows, config.batch_size), desc="prompt difficulty", unit="batch", leave=False):
         index = torch.arange(start, min(rows, start + config.batch_size))
         batch = noised_batch(cache, index, scheduler, scaling, sample_seeds(config.seed * 7919 + 17, index), device)
+        empty = None if config.difficulty_target == "prediction" else \
+            conditioning_of(cache, torch.full((len(index),), EMPTY_PROMPT_INDEX), device)
         strata = config.difficulty_timesteps
         for stratum in range(strata):
             timesteps = batch["timesteps"]
@@ -376,9 +378,9 @@ def prompt_difficulty(family, unet, controller, gates: torch.Tensor, cache: Enco
                 timesteps = (stratum * total + timesteps) // strata
             noisy = scheduler.add_noise(batch["latents"], batch["noise"], timesteps) if strata > 1 else batch["noisy"]
             teacher = _difficulty_target(family, unet, controller, None, noisy, timesteps, batch["conditioning"],
-                                         cache, config, device)
+                                         empty, config)
             pruned = _difficulty_target(family, unet, controller, gates.to(device)[None], noisy, timesteps,
-                                        batch["conditioning"], cache, config, device)
+                                        batch["conditioning"], empty, config)
             error = (pruned - teacher).pow(2).flatten(1).mean(1)
             weights = snr_weights(scheduler, timesteps, gamma)
             difficulty[index] += (error * weights if weights is not None else error).cpu() / strata
