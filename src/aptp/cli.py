@@ -76,7 +76,7 @@ def cmd_inspect(args) -> int:
     unet = source.build_meta_unet()
     family = family_of(unet)
     if not args.text_length and "text_length" not in pruned_at:
-        text_length = min(text_length, family.max_text_length or text_length)
+        text_length = family.capped_text_length(text_length)
     model = family.build_macs_model(unet, (latent, latent), text_length)
     params = count_parameters(unet)
     attention = model.dense_attention

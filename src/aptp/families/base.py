@@ -164,4 +164,8 @@ class ModelFamily(ABC):
 
     def text_length(self, pipeline) -> int:
         """Tokens of text the pipeline's text encoder reads."""
-        return min(pipeline.tokenizer.model_max_length, self.max_text_length or pipeline.tokenizer.model_max_length)
+        return self.capped_text_length(pipeline.tokenizer.model_max_length)
+
+    def capped_text_length(self, tokenizer_length: int) -> int:
+        """The text length a tokenizer allowing ``tokenizer_length`` tokens gives in this family's pipeline."""
+        return min(tokenizer_length, self.max_text_length or tokenizer_length)
