@@ -113,3 +113,33 @@ def test_custom_timesteps_and_sigmas(pair, schedule):
         torch.testing.assert_close(ours.images, theirs.images, rtol=0, atol=1e-5)
     finally:
         base.scheduler, mixture.scheduler = originals
+
+
+def test_model_cpu_offload_one_expert_at_a_time(pair):
+    """The offload hooks of diffusers, one per expert: the same images, and each expert is moved back before
+    the next one denoises (on this CPU-only machine the moves are to and from the CPU; the order is what counts)."""
+    _, mixture = pair
+    arguments = dict(prompt=PROMPTS * 2, expert=[0, 1, 0, 1], num_inference_steps=2, max_batch_size=1)
+    plain = mixture(**arguments, generator=generators(4)).images
+    mixture.enable_model_cpu_offload(device="cpu")
+    try:
+        events, handles = [], []
+        for k, expert in enumerate(mixture.experts.experts):
+            handles.append(expert.register_forward_pre_hook(lambda module, args, k=k: events.append(("run", k))))
+            hook = mixture._aptp_expert_hooks[k]
+            hook.offload = lambda hook=hook, k=k, offload=hook.offload: (events.append(("offload", k)), offload())
+        offloaded = mixture(**arguments, generator=generators(4)).images
+        for handle in handles:
+            handle.remove()
+        assert all(hasattr(expert, "_hf_hook") for expert in mixture.experts.experts)  # hooks set again after the call
+    finally:
+        mixture.remove_all_hooks()
+    assert not any(hasattr(expert, "_hf_hook") for expert in mixture.experts.experts)
+    assert torch.equal(plain, offloaded) if isinstance(plain, torch.Tensor) else \
+        all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain, offloaded))
+    order = [k for kind, k in events if kind == "run"]
+    assert sorted(set(order)) == [0, 1]
+    for k in (0, 1):  # every run of expert k comes before its offload, and no other expert runs in between
+        first, offload = events.index(("run", k)), events.index(("offload", k))
+        assert all(event == ("run", k) for event in events[first:offload])
+        assert ("run", k) not in events[offload:]

@@ -19,6 +19,25 @@ from aptp.utils import APTPError
 from aptp.world import export_imagefolder
 
 
+def test_difficulty_of_the_worst_positions_and_after_recovery(tmp_path):
+    settings = {**_tiny_run(tmp_path), "steps": 2, "validate_every": 0}
+    plain = run_prune(PruneConfig(**settings, output_dir=str(tmp_path / "plain")))["difficulty_by_category"]
+    worst = run_prune(PruneConfig(**settings, output_dir=str(tmp_path / "worst"), difficulty_worst_positions=0.1))
+    # The mean over the worst tenth of the positions is above the mean over all of them.
+    for category, value in plain.items():
+        assert worst["difficulty_by_category"][category] > value
+    # A recovery at a vanishing learning rate measures the sliced reference itself: the gated one's numbers.
+    still = run_prune(PruneConfig(**settings, output_dir=str(tmp_path / "still"), difficulty_recovery_steps=1,
+                                  difficulty_recovery_lr=1e-30))["difficulty_by_category"]
+    for category, value in plain.items():
+        assert still[category] == pytest.approx(value, rel=1e-4)
+    recovered = run_prune(PruneConfig(**settings, output_dir=str(tmp_path / "recovered"),
+                                      difficulty_recovery_steps=3, difficulty_recovery_lr=1e-3))
+    assert set(recovered["difficulty_by_category"]) == set(plain)
+    assert all(v > 0 for v in recovered["difficulty_by_category"].values())
+    assert recovered["difficulty_by_category"] != plain
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"stepz": 3}, "unknown PruneConfig option"),
     ({"budget": 0.0}, "budget"),
@@ -31,6 +50,8 @@ from aptp.world import export_imagefolder
     ({"difficulty_weighting": "snr"}, "difficulty_weighting must be one of plain, min_snr"),
     ({"difficulty_timesteps": 0}, "difficulty_timesteps must be >= 1"),
     ({"difficulty_target": "image"}, "difficulty_target must be one of prediction, guided, text"),
+    ({"difficulty_worst_positions": 0.0}, "difficulty_worst_positions must be in"),
+    ({"difficulty_recovery_steps": -1}, "difficulty_recovery_steps must be >= 0"),
     ({"max_code_fraction": 0}, "max_code_fraction"),
     ({"arch_dim": 0}, "arch_dim must be >= 1"),
     ({"checkpoint_every": 0, "log_every": 0}, "checkpoint_every, log_every must be >= 1"),

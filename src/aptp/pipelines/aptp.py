@@ -112,6 +112,8 @@ def _is_hub_id(source: str) -> bool:
 class APTPPipeline(DiffusionPipeline):
     # The base pipeline's components besides its denoiser: every family has the first four; SDXL also the _2s.
     _optional_components = ["text_encoder_2", "tokenizer_2"]
+    # The experts are not in the chain: each is offloaded on its own (enable_model_cpu_offload).
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->vae"
 
     def __init__(self, vae, text_encoder, tokenizer, scheduler, router: PromptRouter, experts: APTPExpertBank,
                  text_encoder_2=None, tokenizer_2=None):
@@ -151,6 +153,25 @@ class APTPPipeline(DiffusionPipeline):
         super().to(*args, **kwargs)
         self.router.float()
         return self
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
+        """diffusers' model CPU offload, with every expert a model of its own: an expert moves to the
+        accelerator when it first denoises in a call and back to the CPU when the call moves on to the next
+        expert, so at most one expert is on the accelerator at a time. The router stays on the CPU."""
+        super().enable_model_cpu_offload(gpu_id, device)
+        from accelerate import cpu_offload_with_hook
+
+        last_encoder = self.text_encoder_2 if self.text_encoder_2 is not None else self.text_encoder
+        previous = next((hook for hook in self._all_hooks if hook.model is last_encoder), None)
+        # Installed below the bank's own hook, so diffusers' remove_all_hooks (recursive) removes them too.
+        self._aptp_expert_hooks = [cpu_offload_with_hook(expert, self._offload_device, prev_module_hook=previous)[1]
+                                   for expert in self.experts.experts]
+        self._all_hooks.extend(self._aptp_expert_hooks)
+
+    def _offload_expert(self, index: int) -> None:
+        hooks = getattr(self, "_aptp_expert_hooks", None)
+        if hooks and getattr(self, "_all_hooks", None):
+            hooks[index].offload()
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """diffusers' ``save_pretrained``, plus the module file that lets ``DiffusionPipeline.from_pretrained``
@@ -322,6 +343,8 @@ out.images, out.experts, out.macs_fraction
                     if stacked is None:
                         stacked = generated.new_empty(images, *generated.shape[1:])
                     stacked[rows] = generated
+                self._offload_expert(k)
+        self.maybe_free_model_hooks()
         output = {"pil": lambda: to_pil(stacked), "np": lambda: stacked.permute(0, 2, 3, 1).numpy(),
                   "pt": lambda: stacked, "latent": lambda: stacked}[output_type]
         per_image = [r for r in routes for _ in range(n)]

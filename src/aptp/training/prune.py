@@ -19,6 +19,7 @@ Runs unchanged under ``accelerate launch``; checkpoints are atomic and resuming 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -130,6 +131,13 @@ class PruneConfig:
     # only what the prompt adds).
     difficulty_target: str = "prediction"
     difficulty_guidance: float = 4.0
+    # Fraction of latent positions whose error is averaged, the worst ones first (1.0: all, the plain MSE).
+    # Small fractions look at where a prompt's content is (a word's glyphs) rather than at the background.
+    difficulty_worst_positions: float = 1.0
+    # Fine-tune the uniform pruning this many steps (batch_size, recovery_lr, the diffusion and output
+    # distillation losses) before measuring it, so difficulty is what fine-tuning does not win back; 0: off.
+    difficulty_recovery_steps: int = 0
+    difficulty_recovery_lr: float = 3e-4
     lambda_code_size: float = 1.0
     difficulty_rows: int = 512  # training rows whose difficulty is measured (once, before training)
     # Timesteps per row: 1 draws one at random; N > 1 averages over N strata of the schedule (one timestep
@@ -184,6 +192,10 @@ class PruneConfig:
         if self.difficulty_target not in DIFFICULTY_TARGETS:
             raise APTPError(f"difficulty_target must be one of {', '.join(DIFFICULTY_TARGETS)}, "
                             f"got {self.difficulty_target!r}")
+        if self.difficulty_recovery_steps < 0 or not self.difficulty_recovery_lr > 0:
+            raise APTPError("difficulty_recovery_steps must be >= 0 and difficulty_recovery_lr > 0")
+        if not 0 < self.difficulty_worst_positions <= 1:
+            raise APTPError(f"difficulty_worst_positions must be in (0, 1], got {self.difficulty_worst_positions}")
         if self.difficulty_exponent < 0 or not 0 < self.max_code_fraction <= 1 or self.difficulty_rows < 1:
             raise APTPError("difficulty_exponent must be >= 0, max_code_fraction in (0, 1] and difficulty_rows >= 1")
         try:
@@ -312,8 +324,8 @@ def prepare(config: PruneConfig) -> PruneState:
     if config.difficulty_exponent > 0 and config.num_codes > 1:
         reference = uniform_width_architecture(macs_model, config.budget, scores=magnitudes)
         with accelerator.main_process_first():
-            difficulty = prompt_difficulty(family, unet, controller, macs_model.layout.gates_from_architecture(reference),
-                                           train, scheduler, pipeline.vae.config.scaling_factor, config,
+            difficulty = prompt_difficulty(family, unet, controller, macs_model.layout, reference, train, scheduler,
+                                           pipeline.vae.config.scaling_factor, config,
                                            out / "cache" / "difficulty.safetensors", accelerator.device, identity)
     return PruneState(accelerator, pipeline, family, unet, controller, macs_model, router, optimizer, scheduler,
                       BlockRecorder(family.feature_modules(unet)), train, val, latent_size, resolution, text_length,
@@ -331,26 +343,60 @@ def within_unit_zscores(layout: UnitLayout, values: torch.Tensor) -> torch.Tenso
     return scores
 
 
-def _difficulty_target(family, unet, controller, gates, noisy, timesteps, conditioning, empty, config):
+def _difficulty_target(family, model, noisy, timesteps, conditioning, empty, config):
     """The prediction ``prompt_difficulty`` compares (see ``PruneConfig.difficulty_target``); ``empty`` is the
     empty prompt's conditioning, for the targets that need the unconditioned prediction."""
-    with controller.use(gates):
-        conditioned = family.denoise(unet, noisy, timesteps, conditioning).float()
-        if config.difficulty_target == "prediction":
-            return conditioned
-        unconditioned = family.denoise(unet, noisy, timesteps, empty).float()
+    conditioned = family.denoise(model, noisy, timesteps, conditioning).float()
+    if config.difficulty_target == "prediction":
+        return conditioned
+    unconditioned = family.denoise(model, noisy, timesteps, empty).float()
     if config.difficulty_target == "text":
         return conditioned - unconditioned
     return unconditioned + config.difficulty_guidance * (conditioned - unconditioned)
 
 
-@torch.no_grad()
-def prompt_difficulty(family, unet, controller, gates: torch.Tensor, cache: EncodedCache, scheduler, scaling: float,
-                      config: PruneConfig, cache_file: Path, device, identity: dict) -> torch.Tensor:
-    """For the first ``difficulty_rows`` training rows, how far a fixed pruned model (``gates``) is from
-    the dense teacher: the MSE of ``difficulty_target`` at one random timestep, or averaged over
-    ``difficulty_timesteps`` strata of the schedule (min-SNR weighted if ``difficulty_weighting`` says so).
-    Computed once and cached."""
+def _recovered(family, unet, architecture, cache: EncodedCache, scheduler, scaling: float, config: PruneConfig,
+               device) -> torch.nn.Module:
+    """``architecture`` sliced from the dense ``unet`` (gates off) and fine-tuned ``difficulty_recovery_steps``
+    steps on the training rows toward the data and the dense prediction."""
+    with torch.no_grad():
+        student = family.slice(unet, {k: list(v) for k, v in architecture.items()},
+                               UnitOptions(ff_chunks=config.ff_chunks, depth=config.depth)).to(device)
+    student.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.difficulty_recovery_lr)
+    for step in tqdm(range(config.difficulty_recovery_steps), desc="difficulty: fine-tune the reference",
+                     unit="step", leave=False):
+        index = batch_index(step, config.batch_size, len(cache), config.seed + 1, 0, 1)
+        seeds = sample_seeds(config.seed * 7919 + 29, batch_positions(step, config.batch_size, 0, 1))
+        batch = noised_batch(cache, index, scheduler, scaling, seeds, device)
+        with torch.no_grad():
+            dense = family.denoise(unet, batch["noisy"], batch["timesteps"], batch["conditioning"])
+        predicted = family.denoise(student, batch["noisy"], batch["timesteps"], batch["conditioning"])
+        ddpm, distill, _ = task_losses(scheduler, batch, predicted, dense, {}, {}, config.min_snr_gamma)
+        loss = config.lambda_ddpm * ddpm + config.lambda_distill * distill
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return student.eval().requires_grad_(False)
+
+
+def _positional_error(prediction: torch.Tensor, reference: torch.Tensor, worst: float) -> torch.Tensor:
+    """Per sample, the squared error averaged over channels and then over the ``worst`` fraction of positions
+    with the largest error (all positions: the plain MSE)."""
+    if worst >= 1:
+        return (prediction - reference).pow(2).flatten(1).mean(1)
+    error = (prediction - reference).pow(2).mean(1).flatten(1)
+    count = max(1, math.ceil(worst * error.shape[1]))
+    return error.topk(count, dim=1).values.mean(1)
+
+
+def prompt_difficulty(family, unet, controller, layout: UnitLayout, reference, cache: EncodedCache, scheduler,
+                      scaling: float, config: PruneConfig, cache_file: Path, device, identity: dict) -> torch.Tensor:
+    """For the first ``difficulty_rows`` training rows, how far a fixed pruned model (the ``reference``
+    architecture, fine-tuned first if ``difficulty_recovery_steps``) is from the dense teacher: the MSE of
+    ``difficulty_target`` at one random timestep, or averaged over ``difficulty_timesteps`` strata of the
+    schedule (min-SNR weighted if ``difficulty_weighting`` says so). Computed once and cached."""
     rows = min(config.difficulty_rows, len(cache))
     gamma = config.min_snr_gamma if config.difficulty_weighting == "min_snr" else None
     key = {"rows": rows, "budget": config.budget, "seed": config.seed, "min_snr_gamma": gamma,
@@ -360,10 +406,32 @@ def prompt_difficulty(family, unet, controller, gates: torch.Tensor, cache: Enco
     if config.difficulty_target != "prediction":
         key["target"] = config.difficulty_target
         key["guidance"] = config.difficulty_guidance if config.difficulty_target == "guided" else None
+    if config.difficulty_worst_positions < 1:
+        key["worst_positions"] = config.difficulty_worst_positions
+    if config.difficulty_recovery_steps:
+        key["recovery"] = [config.difficulty_recovery_steps, config.difficulty_recovery_lr, config.lambda_ddpm,
+                           config.lambda_distill]
     key = json.loads(json.dumps(key))
     key_file = cache_file.with_suffix(".json")  # written last: a cache without it is incomplete
     if cache_file.is_file() and key_file.is_file() and json.loads(key_file.read_text()) == key:
         return load_file(cache_file)["difficulty"]
+    if config.difficulty_recovery_steps:
+        with controller.use(None):
+            student = _recovered(family, unet, reference, cache, scheduler, scaling, config, device)
+        pruned_model, pruned_gates = student, None
+    else:
+        pruned_model, pruned_gates = unet, layout.gates_from_architecture(reference).to(device)[None]
+    with torch.no_grad():
+        difficulty = _measured_difficulty(family, unet, controller, pruned_model, pruned_gates, cache, rows,
+                                          scheduler, scaling, config, device)
+    save_tensors_atomic({"difficulty": difficulty}, cache_file)
+    write_json_atomic(key_file, key)
+    return difficulty
+
+
+def _measured_difficulty(family, unet, controller, pruned_model, pruned_gates, cache: EncodedCache, rows: int,
+                         scheduler, scaling: float, config: PruneConfig, device) -> torch.Tensor:
+    gamma = config.min_snr_gamma if config.difficulty_weighting == "min_snr" else None
     difficulty = torch.zeros(rows)
     for start in tqdm(range(0, rows, config.batch_size), desc="prompt difficulty", unit="batch", leave=False):
         index = torch.arange(start, min(rows, start + config.batch_size))
@@ -377,15 +445,14 @@ def prompt_difficulty(family, unet, controller, gates: torch.Tensor, cache: Enco
                 total = scheduler.config.num_train_timesteps
                 timesteps = (stratum * total + timesteps) // strata
             noisy = scheduler.add_noise(batch["latents"], batch["noise"], timesteps) if strata > 1 else batch["noisy"]
-            teacher = _difficulty_target(family, unet, controller, None, noisy, timesteps, batch["conditioning"],
-                                         empty, config)
-            pruned = _difficulty_target(family, unet, controller, gates.to(device)[None], noisy, timesteps,
-                                        batch["conditioning"], empty, config)
-            error = (pruned - teacher).pow(2).flatten(1).mean(1)
+            with controller.use(None):
+                teacher = _difficulty_target(family, unet, noisy, timesteps, batch["conditioning"], empty, config)
+            with controller.use(pruned_gates):
+                pruned = _difficulty_target(family, pruned_model, noisy, timesteps, batch["conditioning"], empty,
+                                            config)
+            error = _positional_error(pruned, teacher, config.difficulty_worst_positions)
             weights = snr_weights(scheduler, timesteps, gamma)
             difficulty[index] += (error * weights if weights is not None else error).cpu() / strata
-    save_tensors_atomic({"difficulty": difficulty}, cache_file)
-    write_json_atomic(key_file, key)
     return difficulty
 
 
@@ -559,8 +626,12 @@ def format_summary(summary: dict, state: PruneState, config: PruneConfig) -> str
     lines.append(f"  mean MACs fraction over {summary['val_prompts']} validation prompts: "
                  f"{summary['val_mean_macs_fraction']:.3f}")
     if "difficulty_by_category" in summary:
-        lines.append("prompt difficulty (distance to the teacher of a uniform L1 pruning at the budget) by category: "
-                     + ", ".join(f"{c} {v:.4f}" for c, v in summary["difficulty_by_category"].items()))
+        recovery = (f", fine-tuned {config.difficulty_recovery_steps} steps" if config.difficulty_recovery_steps
+                    else "")
+        positions = (f", worst {config.difficulty_worst_positions:g} of the positions"
+                     if config.difficulty_worst_positions < 1 else "")
+        lines.append(f"prompt difficulty (distance to the teacher of a uniform L1 pruning at the budget{recovery}"
+                     f"{positions}) by category: " + ", ".join(f"{c} {v:.4f}" for c, v in summary["difficulty_by_category"].items()))
     return "\n".join(lines)
 
 
