@@ -395,9 +395,10 @@ def _positional_error(prediction: torch.Tensor, reference: torch.Tensor, worst: 
 def prompt_difficulty(family, unet, controller, layout: UnitLayout, reference, cache: EncodedCache, scheduler,
                       scaling: float, config: PruneConfig, cache_file: Path, device, identity: dict) -> torch.Tensor:
     """For the first ``difficulty_rows`` training rows, how far a fixed pruned model (the ``reference``
-    architecture, fine-tuned first if ``difficulty_recovery_steps``) is from the dense teacher: the MSE of
-    ``difficulty_target`` at one random timestep, or averaged over ``difficulty_timesteps`` strata of the
-    schedule (min-SNR weighted if ``difficulty_weighting`` says so). Computed once and cached."""
+    architecture, fine-tuned first if ``difficulty_recovery_steps``) is from the dense teacher: the squared
+    error of ``difficulty_target`` over the worst ``difficulty_worst_positions`` of the latent positions, at one
+    random timestep or averaged over ``difficulty_timesteps`` strata of the schedule (min-SNR weighted if
+    ``difficulty_weighting`` says so). Computed once and cached."""
     rows = min(config.difficulty_rows, len(cache))
     gamma = config.min_snr_gamma if config.difficulty_weighting == "min_snr" else None
     key = {"rows": rows, "budget": config.budget, "seed": config.seed, "min_snr_gamma": gamma,
@@ -410,8 +411,9 @@ def prompt_difficulty(family, unet, controller, layout: UnitLayout, reference, c
     if config.difficulty_worst_positions < 1:
         key["worst_positions"] = config.difficulty_worst_positions
     if config.difficulty_recovery_steps:
+        # Everything _recovered reads, so a cache of another recovery is never reused.
         key["recovery"] = [config.difficulty_recovery_steps, config.difficulty_recovery_lr, config.lambda_ddpm,
-                           config.lambda_distill]
+                           config.lambda_distill, config.min_snr_gamma, config.grad_clip, config.batch_size]
     key = json.loads(json.dumps(key))
     key_file = cache_file.with_suffix(".json")  # written last: a cache without it is incomplete
     if cache_file.is_file() and key_file.is_file() and json.loads(key_file.read_text()) == key:
