@@ -196,3 +196,21 @@ def test_saved_folders_are_atomic_and_get_ordinary_file_modes(tmp_path):
         assert {p.stat().st_mode & 0o777 for p in (tmp_path / "ckpt").iterdir()} == {0o644}
     finally:
         os.umask(mask)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_are_those_of_diffusers_training_scripts(prediction_type):
+    from diffusers import DDPMScheduler
+
+    from aptp.training.common import snr_weights
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", prediction_type=prediction_type)
+    timesteps = torch.tensor([0, 10, 200, 500, 999])
+    alphas = scheduler.alphas_cumprod[timesteps].double()
+    snr = alphas / (1 - alphas)
+    # epsilon: min(SNR, 5) / SNR; v-prediction: min(SNR, 5) / (SNR + 1), which is min(SNR, 5) / SNR * (1 - alpha).
+    expected = snr.clamp(max=5) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    weights = snr_weights(scheduler, timesteps, 5.0)
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-4, atol=0)
+    assert weights[-1] < 1 if prediction_type == "v_prediction" else weights[-1] == pytest.approx(1.0)
+    assert snr_weights(scheduler, timesteps, None) is None

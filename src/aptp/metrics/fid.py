@@ -47,7 +47,9 @@ class FIDInception(nn.Module):
         if images.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
             images = F.interpolate(images, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear",
                                    align_corners=False)
-        features = self.model(images * (INPUT_HIGH - INPUT_LOW) + INPUT_LOW)
+        # channels-last: the same features (to float rounding), a quarter faster on CPU
+        images = (images * (INPUT_HIGH - INPUT_LOW) + INPUT_LOW).contiguous(memory_format=torch.channels_last)
+        features = self.model(images)
         return features.flatten(2).mean(-1) if features.ndim > 2 else features
 
 

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 
 from ..base_model import WORLD
@@ -84,13 +85,14 @@ def diffusion_target(scheduler, latents, noise, timesteps):
 
 
 def snr_weights(scheduler, timesteps, gamma: float | None) -> torch.Tensor | None:
-    """Min-SNR-gamma weights (Hang et al. 2023) for the diffusion loss, or None."""
+    """Min-SNR-gamma weights (Hang et al. 2023) of the diffusion loss, or None: diffusers' ``compute_snr`` and
+    the weights of its training scripts, min(SNR, gamma) / SNR for epsilon-prediction and
+    min(SNR, gamma) / (SNR + 1) for v-prediction."""
     if gamma is None:
         return None
-    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
-    snr = alphas / (1 - alphas)
-    weight = torch.clamp(snr, max=gamma) / snr
-    return weight + 1 if scheduler.config.prediction_type == "v_prediction" else weight
+    snr = compute_snr(scheduler, timesteps)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else clipped / snr
 
 
 def noised_batch(cache: EncodedCache, rows: torch.Tensor, scheduler, scaling: float, seeds: torch.Tensor,

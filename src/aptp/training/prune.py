@@ -140,7 +140,7 @@ class PruneConfig:
     difficulty_recovery_steps: int = 0
     difficulty_recovery_lr: float = 3e-4
     lambda_code_size: float = 1.0
-    difficulty_rows: int = 512  # training rows whose difficulty is measured (once, before training)
+    difficulty_rows: int = 256  # training rows whose difficulty is measured (once, before training)
     # Timesteps per row: 1 draws one at random; N > 1 averages over N strata of the schedule (one timestep
     # drawn in each), so the difficulty of a row does not hinge on one draw.
     difficulty_timesteps: int = 8
@@ -325,7 +325,7 @@ def prepare(config: PruneConfig) -> PruneState:
     if config.difficulty_exponent > 0 and config.num_codes > 1:
         reference = uniform_width_architecture(macs_model, config.budget, scores=magnitudes)
         with accelerator.main_process_first():
-            difficulty = prompt_difficulty(family, unet, controller, macs_model.layout, reference, train, scheduler,
+            difficulty = prompt_difficulty(family, unet, controller, reference, train, scheduler,
                                            pipeline.vae.config.scaling_factor, config,
                                            out / "cache" / "difficulty.safetensors", accelerator.device, identity)
     return PruneState(accelerator, pipeline, family, unet, controller, macs_model, router, optimizer, scheduler,
@@ -356,13 +356,17 @@ def _difficulty_target(family, model, noisy, timesteps, conditioning, empty, con
     return unconditioned + config.difficulty_guidance * (conditioned - unconditioned)
 
 
+@torch.no_grad()
+def _sliced(family, unet, architecture, config: PruneConfig, device) -> torch.nn.Module:
+    return family.slice(unet, {k: list(v) for k, v in architecture.items()},
+                        UnitOptions(ff_chunks=config.ff_chunks, depth=config.depth)).to(device).eval()
+
+
 def _recovered(family, unet, architecture, cache: EncodedCache, scheduler, scaling: float, config: PruneConfig,
                device) -> torch.nn.Module:
     """``architecture`` sliced from the dense ``unet`` (gates off) and fine-tuned ``difficulty_recovery_steps``
     steps on the training rows toward the data and the dense prediction."""
-    with torch.no_grad():
-        student = family.slice(unet, {k: list(v) for k, v in architecture.items()},
-                               UnitOptions(ff_chunks=config.ff_chunks, depth=config.depth)).to(device)
+    student = _sliced(family, unet, architecture, config, device)
     student.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.difficulty_recovery_lr)
     for step in tqdm(range(config.difficulty_recovery_steps), desc="difficulty: fine-tune the reference",
@@ -392,7 +396,7 @@ def _positional_error(prediction: torch.Tensor, reference: torch.Tensor, worst: 
     return error.topk(count, dim=1).values.mean(1)
 
 
-def prompt_difficulty(family, unet, controller, layout: UnitLayout, reference, cache: EncodedCache, scheduler,
+def prompt_difficulty(family, unet, controller, reference, cache: EncodedCache, scheduler,
                       scaling: float, config: PruneConfig, cache_file: Path, device, identity: dict) -> torch.Tensor:
     """For the first ``difficulty_rows`` training rows, how far a fixed pruned model (the ``reference``
     architecture, fine-tuned first if ``difficulty_recovery_steps``) is from the dense teacher: the squared
@@ -418,22 +422,21 @@ def prompt_difficulty(family, unet, controller, layout: UnitLayout, reference, c
     key_file = cache_file.with_suffix(".json")  # written last: a cache without it is incomplete
     if cache_file.is_file() and key_file.is_file() and json.loads(key_file.read_text()) == key:
         return load_file(cache_file)["difficulty"]
-    if config.difficulty_recovery_steps:
-        with controller.use(None):
-            student = _recovered(family, unet, reference, cache, scheduler, scaling, config, device)
-        pruned_model, pruned_gates = student, None
-    else:
-        pruned_model, pruned_gates = unet, layout.gates_from_architecture(reference).to(device)[None]
-    with torch.no_grad():
-        difficulty = _measured_difficulty(family, unet, controller, pruned_model, pruned_gates, cache, rows,
-                                          scheduler, scaling, config, device)
+    with controller.use(None):  # sliced (the same function as the gated UNet, at its MACs), gates open
+        if config.difficulty_recovery_steps:
+            reference_model = _recovered(family, unet, reference, cache, scheduler, scaling, config, device)
+        else:
+            reference_model = _sliced(family, unet, reference, config, device)
+        with torch.no_grad():
+            difficulty = _measured_difficulty(family, unet, reference_model, cache, rows, scheduler, scaling,
+                                              config, device)
     save_tensors_atomic({"difficulty": difficulty}, cache_file)
     write_json_atomic(key_file, key)
     return difficulty
 
 
-def _measured_difficulty(family, unet, controller, pruned_model, pruned_gates, cache: EncodedCache, rows: int,
-                         scheduler, scaling: float, config: PruneConfig, device) -> torch.Tensor:
+def _measured_difficulty(family, unet, reference_model, cache: EncodedCache, rows: int, scheduler,
+                         scaling: float, config: PruneConfig, device) -> torch.Tensor:
     gamma = config.min_snr_gamma if config.difficulty_weighting == "min_snr" else None
     difficulty = torch.zeros(rows)
     for start in tqdm(range(0, rows, config.batch_size), desc="prompt difficulty", unit="batch", leave=False):
@@ -448,11 +451,9 @@ def _measured_difficulty(family, unet, controller, pruned_model, pruned_gates, c
                 total = scheduler.config.num_train_timesteps
                 timesteps = (stratum * total + timesteps) // strata
             noisy = scheduler.add_noise(batch["latents"], batch["noise"], timesteps) if strata > 1 else batch["noisy"]
-            with controller.use(None):
-                teacher = _difficulty_target(family, unet, noisy, timesteps, batch["conditioning"], empty, config)
-            with controller.use(pruned_gates):
-                pruned = _difficulty_target(family, pruned_model, noisy, timesteps, batch["conditioning"], empty,
-                                            config)
+            teacher = _difficulty_target(family, unet, noisy, timesteps, batch["conditioning"], empty, config)
+            pruned = _difficulty_target(family, reference_model, noisy, timesteps, batch["conditioning"], empty,
+                                        config)
             error = _positional_error(pruned, teacher, config.difficulty_worst_positions)
             weights = snr_weights(scheduler, timesteps, gamma)
             difficulty[index] += (error * weights if weights is not None else error).cpu() / strata
