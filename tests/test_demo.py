@@ -14,7 +14,8 @@ def test_demo_runs_resumes_and_writes_a_report(tmp_path, capsys):
     settings = [f"model={pipeline}", "prune.steps=3", "prune.warmup_steps=1", "prune.train_size=16",
                 "prune.val_size=8", "prune.batch_size=4", "prune.num_codes=2", "prune.arch_dim=8",
                 "prune.hidden_dim=16", "prune.hyper_hidden_dim=16", "finetune.steps=2", "finetune.batch_size=4",
-                "evaluation.per_category=2", "evaluation.steps=2", "evaluation.latency_repeats=1"]
+                "evaluation.per_category=2", "evaluation.steps=2", "baselines=[static,magnitude,random]",
+                "evaluation.latency_repeats=1"]
     out = tmp_path / "demo"
     assert main(["demo", "--output-dir", str(out), "--set", *settings]) == 0
     captured = capsys.readouterr()

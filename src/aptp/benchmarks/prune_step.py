@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..training.common import batch_index, batch_positions, noised_batch, sample_seeds
 from ..training.prune import PruneConfig, prepare, prune_step
+from . import synchronize
 
 
 def run_prune_step_benchmark(model: str = "world", batch_size: int = 32, repeats: int = 10, warmup: int = 2,
@@ -33,10 +34,12 @@ def run_prune_step_benchmark(model: str = "world", batch_size: int = 32, repeats
         cache = state.train
         scaling = state.pipeline.vae.config.scaling_factor
 
+        device = state.accelerator.device  # where Accelerate put the pruning run: CUDA when there is one
+
         def finetune_step(step: int) -> None:
             index = batch_index(step, batch_size, len(cache), seed, 0, 1)
             batch = noised_batch(cache, index, state.scheduler, scaling,
-                                 sample_seeds(seed, batch_positions(step, batch_size, 0, 1)), "cpu")
+                                 sample_seeds(seed, batch_positions(step, batch_size, 0, 1)), device)
             prediction = state.family.denoise(dense, batch["noisy"], batch["timesteps"], batch["conditioning"])
             loss = F.mse_loss(prediction, batch["target"])
             loss.backward()
@@ -46,8 +49,10 @@ def run_prune_step_benchmark(model: str = "world", batch_size: int = 32, repeats
         timings = {"finetune": [], "prune": []}
         for step in tqdm(range(warmup + repeats), desc="timing steps", unit="round"):
             for name, fn in (("finetune", finetune_step), ("prune", lambda s: prune_step(config, state, s))):
+                synchronize(device)
                 start = time.perf_counter()
                 fn(step)
+                synchronize(device)
                 if step >= warmup:
                     timings[name].append(time.perf_counter() - start)
         state.controller.remove()

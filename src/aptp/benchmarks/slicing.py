@@ -21,6 +21,7 @@ from ..families import family_named
 from ..families.presets import PRESETS
 from ..units import uniform_width_architecture
 from ..utils import APTPError
+from . import synchronize
 
 TOLERANCE = 0.05  # target: latency ratio <= MACs ratio + TOLERANCE
 
@@ -36,12 +37,10 @@ class Row:
 
 
 def _time_once(model, inputs, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     model(**inputs)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from .. import world
 from ..base_model import load_base_pipeline
 from ..pipelines import APTPPipeline
+from . import synchronize
 
 TARGET = 0.85  # speed-up >= TARGET / average MACs fraction
 
@@ -42,8 +43,7 @@ def run_throughput_benchmark(pipeline_dir: str, batch_size: int = 64, steps: int
         for name, pipeline in (("dense", dense), ("aptp", aptp)):
             start = time.perf_counter()
             result = run(pipeline)
-            if torch.device(device).type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             elapsed = time.perf_counter() - start
             if name == "aptp":
                 fractions = result.macs_fraction
