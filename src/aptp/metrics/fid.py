@@ -57,7 +57,7 @@ class FrechetDistance:
     """FID of any number of image sets against one set of real images, whose features are computed once.
     Images are floats in [0, 1], (N, 3, H, W)."""
 
-    def __init__(self, real: torch.Tensor, batch_size: int = 50, inception: FIDInception | None = None):
+    def __init__(self, real: torch.Tensor, batch_size: int = 16, inception: FIDInception | None = None):
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         _check_count(real)

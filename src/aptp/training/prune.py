@@ -143,7 +143,7 @@ class PruneConfig:
     difficulty_rows: int = 256  # training rows whose difficulty is measured (once, before training)
     # Timesteps per row: 1 draws one at random; N > 1 averages over N strata of the schedule (one timestep
     # drawn in each), so the difficulty of a row does not hinge on one draw.
-    difficulty_timesteps: int = 4
+    difficulty_timesteps: int = 8
     max_code_fraction: float = 0.95  # no code's target exceeds this fraction of dense MACs
     lambda_spread: float = 0.0  # the published -std + (1 - max) of the per-code MACs, capped at max_code_fraction
     # Optimisation.
