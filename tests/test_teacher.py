@@ -25,6 +25,17 @@ def test_text_encoder_is_minilm_with_32_tokens(text_encoder):
     assert ids.shape == (1, components.TEXT_MAX_LENGTH)
 
 
+def test_saved_text_encoder_reloads_without_a_load_report(tmp_path, text_encoder, capfd, caplog):
+    from transformers import BertModel
+
+    text_encoder[0].save_pretrained(tmp_path / "text_encoder")
+    capfd.readouterr()
+    BertModel.from_pretrained(tmp_path / "text_encoder")
+    captured = capfd.readouterr()
+    reported = captured.out + captured.err + caplog.text
+    assert "MISSING" not in reported and "UNEXPECTED" not in reported, reported
+
+
 def test_teacher_round_trip_and_two_step_sample(tmp_path, text_encoder):
     torch.manual_seed(0)
     pipeline = components.assemble_pipeline(components.build_vae(TINY_VAE), components.build_unet(TINY_UNET),

@@ -64,18 +64,12 @@ def diffusers_errors_only():
 def load_text_encoder(path: str | os.PathLike | None = None):
     """The frozen MiniLM ``BertModel`` and its tokenizer (32 tokens), loaded offline."""
     from transformers import AutoTokenizer, BertModel
-    from transformers.utils import logging as transformers_logging
 
     path = Path(path) if path else minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=TEXT_MAX_LENGTH)
-    # The checkpoint holds MiniLM's pooler, which the teacher never uses (it reads the token states): without
-    # this, transformers reports those weights as unexpected on every load.
-    previous = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        encoder = BertModel.from_pretrained(path, add_pooling_layer=False)
-    finally:
-        transformers_logging.set_verbosity(previous)
+    # The pooler is kept although the teacher reads only the token states: the checkpoint holds it, and a
+    # pipeline saved with it reloads in transformers without a report of missing pooler weights.
+    encoder = BertModel.from_pretrained(path)
     # Let StableDiffusionPipeline pass the padding mask, as sentence-transformers does for MiniLM.
     encoder.config.use_attention_mask = True
     encoder.requires_grad_(False).eval()
