@@ -122,7 +122,7 @@ class PruneConfig:
     min_width: dict | None = field(default_factory=lambda: {"heads": 0.4, "ff": 0.4, "groups": 0.4})
     # Experts sized by difficulty: a code's MACs target grows with the mean difficulty of its prompts
     # (their distance to the teacher under a fixed uniform pruning at the budget) to this power; 0: off.
-    difficulty_exponent: float = 3.0
+    difficulty_exponent: float = 1.0
     # How the distance is weighted over timesteps: "plain" (the noise-prediction MSE) or "min_snr" (weighted
     # as the losses are).
     difficulty_weighting: str = "plain"
