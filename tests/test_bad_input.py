@@ -343,6 +343,7 @@ CASES = [
     Case("demo-missing-model", DEMO + ["model={tmp}/nothing"], ("{tmp}/nothing", "no such model folder")),
     Case("demo-unknown-baseline", DEMO + ["baselines=[static,l2]"], ("unknown baseline", "l2")),
     Case("demo-baselines-not-names", DEMO + ["baselines=3"], ("baselines must be a list", "3")),
+    Case("demo-baseline-width-out-of-range", DEMO + ["baseline_width=1.5"], ("baseline_width must be", "1.5")),
     Case("demo-section-not-options", DEMO + ["prune=3"], ("one by one", "prune.steps")),
     Case("demo-output-is-a-file", ["demo", "--output-dir", "{tmp}/afile"], ("{tmp}/afile", "is a file")),
     Case("baselines-without-a-mixture", ["baselines", "--output-dir", "{tmp}/existing"],

@@ -93,3 +93,12 @@ def test_uniform_and_magnitude_architectures_hit_their_target():
     kept = uniform_width_architecture(model, 0.6, channel_multiple=1, scores=magnitudes)[unit]
     dropped = sorted(set(range(len(part))) - set(kept))
     assert dropped and part[kept].min() >= part[dropped].max()  # the largest-norm groups stay
+    # A width instead of a MACs target: that fraction of every width unit, the largest-norm elements.
+    half = uniform_width_architecture(model, channel_multiple=1, scores=magnitudes, width=0.5)
+    for width_unit in (u for u in model.layout if not u.is_depth):
+        assert len(half[width_unit.name]) == max(1, round(0.5 * width_unit.count))
+    assert set(half[unit]) <= set(kept)
+    with pytest.raises(ValueError, match="either target"):
+        uniform_width_architecture(model, 0.6, width=0.5)
+    with pytest.raises(ValueError, match="width must be in"):
+        uniform_width_architecture(model, width=1.5)

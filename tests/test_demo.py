@@ -49,6 +49,15 @@ def test_demo_runs_resumes_and_writes_a_report(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.count("done earlier, skipped") == 2 and printed.count("settings changed, redoing it") == 6
     assert json.loads((out / "experts" / "expert-0" / "aptp_expert.json").read_text())["config"]["steps"] == 3
+    # A half-width magnitude baseline beside the same mixture: its stage is redone, the others are kept.
+    magnitude = out / "baselines" / "magnitude" / "model" / "aptp_expert.json"
+    matched = json.loads(magnitude.read_text())["macs_fraction"]
+    assert main(["baselines", "--output-dir", str(out), "--set", *settings, "baselines=[magnitude]",
+                 "baseline_width=0.5"]) == 0
+    assert "baseline magnitude: settings changed, redoing it" in capsys.readouterr().out
+    half = json.loads(magnitude.read_text())["macs_fraction"]
+    assert half < matched and set(json.loads((out / "report" / "metrics.json").read_text())["models"]) == {
+        "dense", "APTP", "magnitude"}
 
     # The same models through `aptp evaluate`, with CLIP score and CMMD from a tiny local CLIP.
     clip = make_tiny_clip(tmp_path)

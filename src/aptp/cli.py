@@ -534,6 +534,8 @@ def _demo_keys() -> str:
                              ("evaluation", _config_class("evaluation.compare", "EvalConfig")))
     return (f"{sections}\n  model: str = {demo.model}\n  seed: int = {demo.seed}\n"
             f"  baselines: list = {list(demo.baselines)}\n"
+            f"  baseline_width: float | None = {demo.baseline_width} (magnitude and random: keep this fraction of "
+            "every width instead of the mixture's MACs)\n"
             "the demo's own values, used unless --set overrides them: "
             + json.dumps({section: getattr(demo, section) for section in ("prune", "finetune", "evaluation")}))
 

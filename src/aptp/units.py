@@ -221,17 +221,21 @@ def round_kept(unit: UnitSpec, kept: int, channel_multiple: int = 8, up: bool = 
     return min(unit.count, max(multiple, rounded))
 
 
-def uniform_width_architecture(model: MacsModel, target: float, channel_multiple: int = 8,
-                               scores: torch.Tensor | None = None) -> Architecture:
-    """An architecture at about ``target`` x dense MACs that keeps the same fraction of every width unit.
+def uniform_width_architecture(model: MacsModel, target: float | None = None, channel_multiple: int = 8,
+                               scores: torch.Tensor | None = None, width: float | None = None) -> Architecture:
+    """An architecture at about ``target`` x dense MACs that keeps the same fraction of every width unit
+    (given ``width`` instead of ``target``: that fraction of every width unit, no depth unit skipped).
 
     Each unit keeps its highest-``scores`` elements (one score per gate, e.g. weight magnitudes or
     random numbers; default: the first elements), rounded up so kept channels are multiples of
     ``channel_multiple`` where the unit allows it; depth units are skipped (largest first) only
     when narrowing alone cannot reach the target. Benchmarks and the magnitude / random baselines use it.
     """
-    if not 0 < target <= 1:
-        raise ValueError(f"target must be in (0, 1], got {target}")
+    if (target is None) == (width is None):
+        raise ValueError("give either target (a MACs fraction) or width (a fraction of every width unit)")
+    for name, value in (("target", target), ("width", width)):
+        if value is not None and not 0 < value <= 1:
+            raise ValueError(f"{name} must be in (0, 1], got {value}")
     if scores is None:
         scores = -torch.arange(model.layout.num_elements, dtype=torch.float64)
     order = {u.name: torch.argsort(scores[model.layout.slice_of(u.name)], descending=True, stable=True)
@@ -246,6 +250,8 @@ def uniform_width_architecture(model: MacsModel, target: float, channel_multiple
             arch[unit.name] = sorted(order[unit.name][:kept].tolist())
         return arch
 
+    if width is not None:
+        return at(width)
     low, high = 0.0, 1.0
     for _ in range(40):
         middle = (low + high) / 2

@@ -49,6 +49,9 @@ class DemoConfig:
                                                     "validation_prompts": 0})
     evaluation: dict = field(default_factory=lambda: {"per_category": 32, "steps": 15, "batch_size": 64})
     baselines: tuple[str, ...] = DEFAULT_BASELINES
+    # Magnitude and random keep this fraction of every width instead of matching the mixture's average MACs
+    # (e.g. 0.5: a half-width model; the equal-MACs claims then no longer apply).
+    baseline_width: float | None = None
     seed: int = 0
 
 
@@ -112,7 +115,7 @@ def _finetune_config(config: DemoConfig, steps: int | None = None) -> FinetuneCo
     return FinetuneConfig.from_dict({"seed": config.seed, **overrides})
 
 
-def _baseline_architecture(kind: str, router_dir: Path, target: float, seed: int) -> dict:
+def _baseline_architecture(kind: str, router_dir: Path, target: float, seed: int, width: float | None = None) -> dict:
     run = load_run(router_dir)
     denoiser = run.family.denoiser(run.base_pipeline())
     macs_model = run.macs_model(denoiser)
@@ -120,7 +123,10 @@ def _baseline_architecture(kind: str, router_dir: Path, target: float, seed: int
         scores = run.family.element_magnitudes(denoiser, run.pruned_for.unit_options)
     else:
         scores = torch.rand(macs_model.layout.num_elements, generator=torch.Generator().manual_seed(seed))
-    architecture = uniform_width_architecture(macs_model, target, scores=scores)
+    if width is None:
+        architecture = uniform_width_architecture(macs_model, target, scores=scores)
+    else:
+        architecture = uniform_width_architecture(macs_model, scores=scores, width=width)
     return {"architecture": architecture, "macs_fraction": macs_model.macs_of(architecture) / macs_model.dense}
 
 
@@ -154,15 +160,17 @@ def run_baselines(config: DemoConfig, stages: Stages | None = None) -> dict[str,
                                  folder / "model", steps)
         elif kind in ("magnitude", "random"):
             def train(folder=folder, kind=kind):
-                chosen = _baseline_architecture(kind, router_dir, target, config.seed)
+                chosen = _baseline_architecture(kind, router_dir, target, config.seed, config.baseline_width)
                 _finetune_single(config, router_dir, chosen["architecture"], chosen["macs_fraction"], all_rows,
                                  folder / "model", steps)
         else:
             raise APTPError(f"unknown baseline {kind!r}; choose from {', '.join(BASELINES)}")
         # Static keeps its own pruning run when only the fine-tuning settings changed (see ``train``).
         outputs = (folder / "model", folder / "model-checkpoint") if kind == "static" else (folder,)
-        stages.run(f"baseline {kind}", (folder / "model" / "config.json").is_file(), train,
-                   _stage_settings(config, "finetune"), outputs)
+        settings = _stage_settings(config, "finetune")
+        if kind != "static" and config.baseline_width is not None:
+            settings["baseline_width"] = config.baseline_width
+        stages.run(f"baseline {kind}", (folder / "model" / "config.json").is_file(), train, settings, outputs)
     return folders
 
 
@@ -180,6 +188,8 @@ def _stage_settings(config: DemoConfig, upto: str) -> dict:
         settings[step] = getattr(config, step)
     if upto == "evaluation":
         settings["baselines"] = list(config.baselines)
+        if config.baseline_width is not None:
+            settings["baseline_width"] = config.baseline_width
     return settings
 
 
@@ -272,6 +282,9 @@ def demo_config(output_dir: str | None = None, overrides: dict | None = None) ->
     unknown = sorted(set(config.baselines) - set(BASELINES))
     if unknown:
         raise APTPError(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}")
+    width = config.baseline_width
+    if width is not None and (isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width <= 1):
+        raise APTPError(f"baseline_width must be a number in (0, 1] (or null: the mixture's MACs), got {width!r}")
     load_prune_config(None, _prune_overrides(config))
     model_identity(config.model)  # a missing model folder fails before any stage is recorded
     _finetune_config(config)
