@@ -223,6 +223,8 @@ CASES = [
     Case("prune-budget-zero", PRUNE + ["budget=0"], ("budget must be in (0, 1]", "0.0")),
     Case("prune-budget-above-one", PRUNE + ["budget=1.5"], ("budget must be in (0, 1]", "1.5")),
     Case("prune-budget-negative", PRUNE + ["budget=-1"], ("budget must be in (0, 1]", "-1")),
+    Case("prune-sinkhorn-balance-out-of-range", PRUNE + ["sinkhorn_balance=2"],
+         ("sinkhorn_balance must be in [0, 1]", "2")),
     Case("prune-steps-zero", PRUNE + ["steps=0"], ("steps", ">= 1")),
     Case("prune-negative-batch", PRUNE + ["batch_size=-4"], ("batch_size", ">= 1")),
     Case("prune-unknown-key", PRUNE + ["budgte=0.5"], ("unknown PruneConfig option", "budgte")),

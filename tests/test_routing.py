@@ -56,6 +56,23 @@ def test_sinkhorn_keeps_clear_preferences():
     assert torch.equal(q.argmax(dim=1), torch.arange(12) % 3)
 
 
+def test_sinkhorn_balance_softens_the_equal_shares():
+    # 8 of 12 prompts clearly prefer code 0: equal shares give code 0 a third of the batch (4 prompts'
+    # worth), a soft balance more, none the softmax of each row (almost all 8).
+    scores = torch.zeros(12, 3)
+    scores[:8, 0] = 0.5
+    code_0 = {}
+    for balance in (1.0, 0.5, 0.0):
+        q = sinkhorn(scores, epsilon=0.05, iterations=3, balance=balance)
+        torch.testing.assert_close(q.sum(dim=1), torch.ones(12))
+        code_0[balance] = q[:8, 0].sum().item()
+    assert code_0[1.0] == pytest.approx(4.0, abs=0.05)
+    assert code_0[1.0] + 2 < code_0[0.5] < code_0[0.0] == pytest.approx(8.0, abs=0.01)
+    torch.testing.assert_close(sinkhorn(scores, 0.05, 3, balance=0.0), torch.softmax(scores / 0.05, dim=1))
+    with pytest.raises(ValueError, match="balance"):
+        sinkhorn(scores, balance=1.5)
+
+
 def test_resource_loss_matches_hand_computation():
     fractions = torch.tensor([0.5, 0.7, 0.9])  # mean 0.7
     assert resource_loss(fractions, 0.6).item() == pytest.approx(abs(math.log(0.7 / 0.6)))

@@ -107,6 +107,9 @@ class PruneConfig:
     contrastive_temperature: float = 0.05
     sinkhorn_epsilon: float = 0.05
     sinkhorn_iterations: int = 3
+    # How strictly every code gets the same share of a batch (1: exactly; below 1: a soft constraint, so
+    # a batch holding more prompts of one kind than 1/num_codes does not push the surplus onto other codes).
+    sinkhorn_balance: float = 1.0
     lambda_ddpm: float = 1.0
     lambda_distill: float = 0.2
     lambda_blocks: float = 0.2
@@ -195,6 +198,8 @@ class PruneConfig:
                             f"got {self.difficulty_target!r}")
         if self.difficulty_recovery_steps < 0 or not self.difficulty_recovery_lr > 0:
             raise APTPError("difficulty_recovery_steps must be >= 0 and difficulty_recovery_lr > 0")
+        if not 0 <= self.sinkhorn_balance <= 1:
+            raise APTPError(f"sinkhorn_balance must be in [0, 1], got {self.sinkhorn_balance}")
         if not 0 < self.difficulty_worst_positions <= 1:
             raise APTPError(f"difficulty_worst_positions must be in (0, 1], got {self.difficulty_worst_positions}")
         if self.difficulty_exponent < 0 or not 0 < self.max_code_fraction <= 1 or self.difficulty_rows < 1:
@@ -500,7 +505,7 @@ def prune_step(config: PruneConfig, state: PruneState, step: int) -> dict[str, f
     routed = state.router(prompt_embeddings, _gate_temperature(config, step),
                           torch.Generator().manual_seed(config.seed * 7919 + step), _gate_noise(config, step))
     arch, scores, code_gates = routed["arch"], routed["scores"], routed["code_gates"]
-    balanced = sinkhorn(scores, config.sinkhorn_epsilon, config.sinkhorn_iterations)
+    balanced = sinkhorn(scores, config.sinkhorn_epsilon, config.sinkhorn_iterations, config.sinkhorn_balance)
     assignment = balanced.argmax(dim=1)
     zero = scores.sum() * 0.0
     if warming_up:
