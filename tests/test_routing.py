@@ -13,6 +13,7 @@ from aptp.routing import (
     contrastive_loss,
     resource_loss,
     sinkhorn,
+    spherical_kmeans,
     spread_loss,
 )
 from aptp.routing.router import materialize
@@ -71,6 +72,42 @@ def test_sinkhorn_balance_softens_the_equal_shares():
     torch.testing.assert_close(sinkhorn(scores, 0.05, 3, balance=0.0), torch.softmax(scores / 0.05, dim=1))
     with pytest.raises(ValueError, match="balance"):
         sinkhorn(scores, balance=1.5)
+
+
+def _three_clusters(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """60 points in 3 tight clusters of unequal size (30, 20, 10) around random directions in 16 dims."""
+    centres = torch.nn.functional.normalize(torch.randn(3, 16, generator=generator), dim=1)
+    labels = torch.tensor([0] * 30 + [1] * 20 + [2] * 10)
+    return centres[labels] + 0.05 * torch.randn(60, 16, generator=generator), labels
+
+
+def test_spherical_kmeans_finds_the_clusters():
+    points, labels = _three_clusters(torch.Generator().manual_seed(0))
+    for seed in range(5):
+        centroids = spherical_kmeans(points, 3, torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(centroids.norm(dim=1), torch.ones(3))
+        found = (points @ centroids.t()).argmax(dim=1)
+        # Each true cluster maps to exactly one centroid, and no two clusters share one.
+        assert all(len(set(found[labels == c].tolist())) == 1 for c in range(3))
+        assert len(set(found.tolist())) == 3
+    again = spherical_kmeans(points, 3, torch.Generator().manual_seed(4))
+    assert torch.equal(again, spherical_kmeans(points, 3, torch.Generator().manual_seed(4)))
+    # More centroids than distinct points: the emptied ones take a point each instead of staying empty.
+    duplicates = points[:2].repeat(5, 1)
+    assert torch.isfinite(spherical_kmeans(duplicates, 3, torch.Generator().manual_seed(0))).all()
+    with pytest.raises(ValueError, match="N >= k"):
+        spherical_kmeans(points[:2], 3)
+
+
+def test_router_codes_clustered_on_its_prompts_route_each_cluster_to_one_code():
+    generator = torch.Generator().manual_seed(0)
+    prompts, labels = _three_clusters(generator)
+    prompts = prompts[:, :12]  # the tiny router's prompt width
+    router = tiny_router()
+    router.cluster_codes(prompts, generator)
+    routes = router.route(prompts)
+    assert all(len(set(routes[labels == c].tolist())) == 1 for c in range(3))
+    assert len(set(routes.tolist())) == 3
 
 
 def test_resource_loss_matches_hand_computation():

@@ -23,6 +23,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..units import WIDTH_KINDS, Architecture, UnitLayout, round_kept
+from .clustering import spherical_kmeans
 
 MAX_CODES = 1024  # more experts than any model could hold in memory
 MAX_WIDTH = 65536
@@ -87,6 +88,14 @@ class PromptRouter(ModelMixin, ConfigMixin):
     def scores(self, arch_embeddings: torch.Tensor) -> torch.Tensor:
         """Cosine similarity of every prompt to every code, (B, K)."""
         return arch_embeddings @ F.normalize(self.codes, dim=1).t()
+
+    @torch.no_grad()
+    def cluster_codes(self, prompt_embeddings: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Move the codes to the spherical k-means centroids of the prompts' architecture embeddings, so
+        each code starts on a cluster the prompts form (random codes can split one cluster over two
+        codes and merge two others)."""
+        arch = self.embed(prompt_embeddings.to(self.codes.device))
+        self.codes.copy_(spherical_kmeans(arch.float().cpu(), self.num_codes, generator).to(self.codes))
 
     @torch.no_grad()
     def route(self, prompt_embeddings: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,7 @@ from .common import (
 )
 
 
+CODE_INITS = ("random", "kmeans")
 DIFFICULTY_WEIGHTINGS = ("plain", "min_snr")
 DIFFICULTY_TARGETS = ("prediction", "guided", "text")
 
@@ -110,6 +111,10 @@ class PruneConfig:
     # How strictly every code gets the same share of a batch (1: exactly; below 1: a soft constraint, so
     # a batch holding more prompts of one kind than 1/num_codes does not push the surplus onto other codes).
     sinkhorn_balance: float = 1.0
+    # "kmeans": when warm-up ends, the codes move to the k-means centroids of the training prompts'
+    # architecture embeddings (up to kmeans_prompts records); "random": they stay where they were drawn.
+    code_init: str = "random"
+    kmeans_prompts: int = 16384
     lambda_ddpm: float = 1.0
     lambda_distill: float = 0.2
     lambda_blocks: float = 0.2
@@ -169,7 +174,7 @@ class PruneConfig:
             raise APTPError(f"budget must be in (0, 1], got {self.budget}")
         at_least_one = ("num_codes", "steps", "batch_size", "train_size", "val_size", "arch_dim", "hidden_dim",
                         "hyper_hidden_dim", "sinkhorn_iterations", "checkpoint_every", "log_every",
-                        "validation_steps", "ff_chunks")
+                        "validation_steps", "ff_chunks", "kmeans_prompts")
         too_small = [name for name in at_least_one if getattr(self, name) < 1]
         too_small += [name for name in ("resolution", "text_length") if getattr(self, name) is not None
                       and getattr(self, name) < 1]
@@ -198,6 +203,8 @@ class PruneConfig:
                             f"got {self.difficulty_target!r}")
         if self.difficulty_recovery_steps < 0 or not self.difficulty_recovery_lr > 0:
             raise APTPError("difficulty_recovery_steps must be >= 0 and difficulty_recovery_lr > 0")
+        if self.code_init not in CODE_INITS:
+            raise APTPError(f"code_init must be one of {', '.join(CODE_INITS)}, got {self.code_init!r}")
         if not 0 <= self.sinkhorn_balance <= 1:
             raise APTPError(f"sinkhorn_balance must be in [0, 1], got {self.sinkhorn_balance}")
         if not 0 < self.difficulty_worst_positions <= 1:
@@ -487,6 +494,12 @@ def _global_pairs(accelerator, arch: torch.Tensor, prompts: torch.Tensor) -> tup
     return torch.cat(all_gather(arch.contiguous())), accelerator.gather(prompts.contiguous())
 
 
+def _cluster_codes(router: PromptRouter, train: EncodedCache, config: PruneConfig) -> None:
+    generator = torch.Generator().manual_seed(config.seed * 7919 + 29)
+    records = torch.randperm(len(train), generator=generator)[:config.kmeans_prompts].sort().values
+    router.cluster_codes(train.rows("prompt_embeddings", train.prompt_index[records]), generator)
+
+
 def prune_step(config: PruneConfig, state: PruneState, step: int) -> dict[str, float]:
     """One optimisation step of the router; returns the loss terms."""
     accelerator, router, unet = state.accelerator, state.accelerator.unwrap_model(state.router), state.unet
@@ -500,6 +513,10 @@ def prune_step(config: PruneConfig, state: PruneState, step: int) -> dict[str, f
     prompt_embeddings = state.train.rows("prompt_embeddings", state.train.prompt_index[index]).to(device)
 
     warming_up = step < config.warmup_steps
+    if step == config.warmup_steps and config.code_init == "kmeans":
+        # Until now the gates were open and the hypernetwork's output did not depend on the codes, so
+        # moving them changes no architecture; every process computes the same centroids.
+        _cluster_codes(router, state.train, config)
     # Through the wrapper: under DDP this is what synchronises the router's gradients. The gate seed is
     # the same on every process, so a code has one architecture per step across the global batch.
     routed = state.router(prompt_embeddings, _gate_temperature(config, step),
